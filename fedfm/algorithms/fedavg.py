@@ -1,0 +1,140 @@
+"""FedAvg and the fold every algorithm here shares.
+
+FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep
+Networks from Decentralized Data", AISTATS): clients run local SGD from the
+global model; the server replaces it with the example-weighted mean of the
+client models, i.e. ``x ← x + η Σ n_i Δ_i / Σ n_i`` with server lr ``η = 1``.
+
+:class:`MeanDeltaFold` folds client deltas into a running weighted mean
+(O(model) memory, float64 sums, so arrival order does not matter) and hands
+the mean ``Δ`` to a :class:`~fedfm.algorithms.fedopt.ServerOptimizer`. With
+:class:`~fedfm.algorithms.fedopt.ServerSGD` that is FedAvg; with
+FedAvgM/FedAdam/FedYogi/FedAdagrad it is the FedOpt family; FedProx and
+SCAFFOLD reuse it with their own client hooks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Literal, Mapping
+
+import torch
+
+from fedfm.algorithms.base import Algorithm, RunningWeightedMean, ServerFold, Update
+from fedfm.algorithms.fedopt import ServerOptimizer, ServerSGD
+
+Weighting = Literal["examples", "uniform"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class MeanDeltaFold(ServerFold):
+    """Weighted mean of client deltas, then one server-optimizer step.
+
+    * ``weighting="examples"``: weight = ``update.num_examples``; an update
+      with 0 examples has weight 0 and is skipped (not counted).
+    * ``weighting="uniform"``: every update has weight 1.
+    * Only floating-point tensors are averaged and stepped; any other tensor
+      (integer buffers, masks) keeps its global value.
+    * ``finish()`` with nothing folded returns copies of the global state and
+      leaves the optimizer state untouched.
+
+    The tensors passed to ``start`` and ``add`` are never modified; ``finish``
+    returns new tensors with the keys, order and dtypes of the global state.
+    """
+
+    def __init__(self, optimizer: ServerOptimizer | None = None, weighting: Weighting = "examples") -> None:
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        self.optimizer = optimizer if optimizer is not None else ServerSGD(1.0)
+        self.weighting = weighting
+        self.version = 0
+        self._global: Mapping[str, torch.Tensor] | None = None
+        self._float_keys: list[str] = []
+        self._mean = RunningWeightedMean()
+
+    # -- the fold -----------------------------------------------------------
+    def start(self, global_state: Mapping[str, torch.Tensor], version: int = 0) -> None:
+        self._global = global_state
+        self._float_keys = [k for k, v in global_state.items() if v.is_floating_point()]
+        self._mean = RunningWeightedMean()
+        self.version = version
+
+    @property
+    def num_folded(self) -> int:
+        """Updates folded this round (zero-weight updates are not counted)."""
+        return self._mean.count
+
+    def weight(self, update: Update) -> float:
+        if update.num_examples < 0:
+            raise ValueError(f"client {update.client_id}: num_examples must be >= 0, got {update.num_examples}")
+        return 1.0 if self.weighting == "uniform" else float(update.num_examples)
+
+    def add(self, update: Update) -> bool:
+        """Fold one update; returns False when it was skipped (weight 0)."""
+        g = self._require_started()
+        w = self.weight(update)
+        if w == 0:
+            return False
+        self._mean.add(self._float_part(update.delta, g, f"client {update.client_id} delta"), w)
+        return True
+
+    def finish(self) -> "OrderedDict[str, torch.Tensor]":
+        g = self._require_started()
+        self._global = None  # the round is closed; the next one needs start()
+        if self._mean.count == 0 or self._mean.total_weight <= 0:
+            return OrderedDict((k, v.detach().clone()) for k, v in g.items())
+        x, mean = OrderedDict(), OrderedDict()
+        for k in self._float_keys:
+            dt = compute_dtype(g[k].dtype)
+            x[k] = g[k].detach().to(dt)
+            mean[k] = (self._mean.sums[k] / self._mean.total_weight).to(device=g[k].device, dtype=dt)
+        new = self.optimizer.step(x, mean)
+        return OrderedDict(
+            (k, new[k].to(v.dtype) if k in new else v.detach().clone()) for k, v in g.items()
+        )
+
+    # -- helpers ------------------------------------------------------------
+    def _require_started(self) -> Mapping[str, torch.Tensor]:
+        if self._global is None:
+            raise RuntimeError("call start(global_state) before add()/finish()")
+        return self._global
+
+    def _float_part(self, tensors: Mapping[str, torch.Tensor], g: Mapping[str, torch.Tensor], what: str):
+        """The float entries of ``tensors``, checked against the global state."""
+        unknown = [k for k in tensors if k not in g]
+        if unknown:
+            raise ValueError(f"{what} has tensors not in the global state: {unknown[:5]}")
+        out = OrderedDict()
+        for k in self._float_keys:
+            if k not in tensors:
+                raise ValueError(f"{what} is missing tensor {k!r}")
+            t = tensors[k]
+            if t.shape != g[k].shape:
+                raise ValueError(f"{what}: {k!r} has shape {tuple(t.shape)}, expected {tuple(g[k].shape)}")
+            out[k] = t.detach()
+        return out
+
+
+class FedAvg(Algorithm):
+    """FedAvg (McMahan et al. 2017); with ``server_opt`` any FedOpt variant.
+
+    Client side: plain local training (the default no-op hook). Server side:
+    :class:`MeanDeltaFold` with ``server_opt`` (default ``ServerSGD(server_lr)``).
+    """
+
+    name = "fedavg"
+
+    def __init__(
+        self,
+        server_lr: float = 1.0,
+        weighting: Weighting = "examples",
+        server_opt: ServerOptimizer | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(MeanDeltaFold(server_opt or ServerSGD(server_lr), weighting))
+        if name is not None:
+            self.name = name

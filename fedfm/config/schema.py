@@ -1,0 +1,137 @@
+"""The one validated run config.
+
+Every section forbids unknown keys, so a typo such as ``train.lrr=1`` fails
+with a one-line error naming the key instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Method = Literal["full", "lora", "ia3", "prompt", "prefix"]
+Task = Literal["seq_cls", "causal_lm"]
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+
+
+class IA3Config(Section):
+    target_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = None
+
+
+class PromptConfig(Section):
+    """Soft prompt (Lester et al. 2021) and prefix tuning (Li & Liang 2021)."""
+
+    num_virtual_tokens: int = Field(16, ge=1)
+    init_text: str | None = None  # prompt tuning only: initialise from this text's embeddings
+
+
+class ModelConfig(Section):
+    name: str = "minilm"  # a packaged alias (minilm, smollm2, tiny-bert, tiny-llama) or a local path
+    task: Task = "seq_cls"
+    method: Method = "lora"
+    max_length: int = Field(64, ge=8)
+    lora: LoraConfig = LoraConfig()
+    ia3: IA3Config = IA3Config()
+    prompt: PromptConfig = PromptConfig()
+    init_state: str | None = None  # safetensors trainable state of an earlier run to start from
+
+
+class DataConfig(Section):
+    dataset: str = "bbc_news"  # bbc_news | shakespeare | a local .csv/.jsonl/.json/.parquet path
+    text_column: str = "text"
+    label_column: str | None = "label"
+    group_column: str | None = None  # for natural partitions, e.g. "role"
+    max_examples: int | None = Field(None, ge=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)  # held-out global test set
+    client_test_fraction: float = Field(0.2, ge=0, lt=1)  # each client's local test split
+    # Shakespeare only: keep roles with at least this many lines, at most this many roles.
+    min_lines_per_role: int = Field(8, ge=1)
+    max_roles: int | None = Field(None, ge=1)
+
+
+class PartitionConfig(Section):
+    scheme: Literal["iid", "dirichlet", "quantity", "natural"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)  # Dirichlet concentration (label skew or quantity skew)
+    min_examples: int = Field(2, ge=1)  # each client gets at least this many examples
+
+
+class FederationConfig(Section):
+    num_clients: int = Field(20, ge=1)
+    clients_per_round: int = Field(5, ge=1)
+    rounds: int = Field(15, ge=1)
+    partition: PartitionConfig = PartitionConfig()
+
+    @model_validator(mode="after")
+    def _cohort_fits(self) -> "FederationConfig":
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} exceeds num_clients={self.num_clients}"
+            )
+        return self
+
+
+class AlgorithmConfig(Section):
+    name: Literal[
+        "fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
+    ] = "fedavg"
+    server_lr: float = Field(1.0, gt=0)
+    weighting: Literal["examples", "uniform"] = "examples"
+    mu: float = Field(0.01, ge=0)  # FedProx proximal strength
+    momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM
+    beta1: float = Field(0.9, ge=0, lt=1)  # FedAdam / FedYogi / FedAdagrad first moment
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)  # adaptivity (epsilon) of FedOpt, Reddi et al. 2021
+
+
+class TrainConfig(Section):
+    local_steps: int | None = Field(8, ge=1)  # or local_epochs (setting epochs drops the default steps)
+    local_epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainConfig":
+        if self.local_epochs is not None and self.local_steps is not None:
+            if "local_steps" in self.model_fields_set:
+                raise ValueError("set only one of train.local_steps and train.local_epochs")
+            object.__setattr__(self, "local_steps", None)  # epochs given: the default steps yield
+        if self.local_steps is None and self.local_epochs is None:
+            raise ValueError("set train.local_steps or train.local_epochs")
+        return self
+
+
+class EvalConfig(Section):
+    every: int = Field(5, ge=0)  # evaluate every N rounds (0: only after the last round)
+    clients: bool = True  # per-client metrics on local test splits
+    batch_size: int = Field(64, ge=1)
+    max_test_examples: int | None = Field(None, ge=1)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    out: str | None = None  # run folder; default runs/<name>-<timestamp>
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; default: torch's choice
+    progress: bool = True
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()

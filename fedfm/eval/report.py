@@ -1,0 +1,72 @@
+"""Run outputs: metrics.jsonl (one line per round), summary.json and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per round to ``metrics.jsonl`` (flushed each line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict] = []
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        self._fh.write(json.dumps(record, default=float) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    tmp.replace(path)
+
+
+def plot_metrics(records: list[dict], path: Path, task: str) -> None:
+    """Quality per round (global and client fairness band) and cumulative bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "perplexity" if task == "causal_lm" else "accuracy"
+    evals = [r for r in records if f"test_{key}" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    if evals:
+        rounds = [r["round"] for r in evals]
+        ax.plot(rounds, [r[f"test_{key}"] for r in evals], "o-", label=f"global test {key}")
+        if f"client_{key}_mean" in evals[0]:
+            ax.plot(rounds, [r[f"client_{key}_mean"] for r in evals], "s--", label="client mean")
+            ax.plot(rounds, [r[f"client_{key}_worst10"] for r in evals], "v:", label="client worst 10%")
+        if key == "perplexity":
+            ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel(key)
+    ax.set_title(key)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    train = [r for r in records if r.get("round", 0) > 0 and not math.isnan(r.get("train_loss", float("nan")))]
+    ax.plot([r["round"] for r in train], [r["train_loss"] for r in train], ".-", label="train loss (cohort)")
+    if evals:
+        ax.plot([r["round"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test loss")
+    ax.set_xlabel("round")
+    ax.set_title("loss")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    ax.plot([r["round"] for r in records], [r.get("bytes_up_total", 0) / 1e6 for r in records], label="up (MB)")
+    ax.plot([r["round"] for r in records], [r.get("bytes_down_total", 0) / 1e6 for r in records], label="down (MB)")
+    ax.set_xlabel("round")
+    ax.set_title("cumulative bytes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,118 @@
+"""``build_model``: a ready-to-train model, its tokenizer and its trainable state.
+
+One :class:`FedModel` per process. The runtime swaps clients' trainable states
+in and out of ``FedModel.params`` with :func:`fedfm.models.state.set_state_`
+and :func:`~fedfm.models.state.get_state`; the frozen base is never copied.
+Moving the model with ``model.to(device)`` keeps the ``params`` objects valid.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedfm.config.schema import ModelConfig
+from fedfm.errors import FedfmError
+from fedfm.models.methods import head_modules, pads_left, wrap
+from fedfm.models.registry import load_base_model, load_tokenizer, resolve
+from fedfm.models.state import load_state, set_state_
+
+_ADAPTER = "default"  # peft's adapter name; dropped from the state names
+
+
+@dataclass
+class FedModel:
+    """A wrapped model plus the named trainable tensors that travel."""
+
+    model: torch.nn.Module  # ready to train, peft-wrapped when method != full
+    tokenizer: PreTrainedTokenizerBase  # with a pad token set
+    params: "OrderedDict[str, torch.nn.Parameter]"  # trainable tensors by stable name
+    task: str  # "seq_cls" | "causal_lm"
+    method: str
+
+
+def short_name(name: str, adapter: str = _ADAPTER) -> str:
+    """A parameter name without peft's wrapping.
+
+    ``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight``
+    -> ``bert.encoder.layer.0.attention.self.query.lora_A.weight``;
+    ``base_model.model.classifier.modules_to_save.default.weight`` -> ``classifier.weight``;
+    ``prompt_encoder.default.embedding.weight`` -> ``prompt_encoder.embedding.weight``.
+    """
+    parts = name.split(".")
+    if parts[:2] == ["base_model", "model"]:
+        parts = parts[2:]
+    elif parts[:1] == ["base_model"]:
+        parts = parts[1:]
+    out = []
+    for i, part in enumerate(parts):
+        if part == adapter:
+            continue
+        if part == "modules_to_save" and i + 1 < len(parts) and parts[i + 1] == adapter:
+            continue
+        out.append(part)
+    return ".".join(out)
+
+
+def trainable_params(model: torch.nn.Module) -> "OrderedDict[str, torch.nn.Parameter]":
+    """The parameters with ``requires_grad`` under short, stable names (model order).
+
+    Frozen copies (peft's ``original_module`` of a ``modules_to_save`` head) are
+    not trainable, so only the trainable copy is included. Falls back to the
+    raw names should shortening ever make two names collide.
+    """
+    raw = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    short = [short_name(n) for n, _ in raw]
+    if len(set(short)) != len(short):
+        short = [n for n, _ in raw]
+    return OrderedDict((s, p) for s, (_, p) in zip(short, raw))
+
+
+def _check_length(cfg: ModelConfig, config) -> None:
+    virtual = cfg.prompt.num_virtual_tokens if cfg.method in ("prompt", "prefix") else 0
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and cfg.max_length + virtual > limit:
+        extra = f" + {virtual} virtual tokens" if virtual else ""
+        raise FedfmError(
+            f"model.max_length={cfg.max_length}{extra} exceeds the {limit} positions of {cfg.name}"
+        )
+
+
+def build_model(cfg: ModelConfig, num_labels: int | None = None, seed: int = 0) -> FedModel:
+    """Load ``cfg.name``, wrap it for ``cfg.method`` and collect its trainable state.
+
+    ``num_labels`` is required for ``seq_cls`` and ignored for ``causal_lm``.
+    ``seed`` fixes every random init made here (a new head, adapter weights,
+    soft prompts) so that every process builds the same starting point; the
+    global RNG state is restored afterwards. ``cfg.init_state``, when set, is
+    loaded into the trainable state.
+    """
+    if cfg.task == "seq_cls":
+        if num_labels is None or num_labels < 1:
+            raise FedfmError(f"task seq_cls needs num_labels >= 1, got {num_labels}")
+    else:
+        num_labels = None
+    source = resolve(cfg.name)
+    tokenizer = load_tokenizer(source.tokenizer_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = load_base_model(source, cfg.task, num_labels, tokenizer)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        _check_length(cfg, model.config)
+        heads = head_modules(model) if cfg.task == "seq_cls" else []
+        model = wrap(model, cfg, cfg.task, source.tokenizer_path)
+    model.train()
+    params = trainable_params(model)
+    if not params:
+        raise FedfmError(f"method {cfg.method!r} left no trainable parameter in {cfg.name}")
+    if heads and not any(k.split(".")[0] in heads for k in params):
+        raise FedfmError(f"the classification head {heads} of {cfg.name} is not trainable")
+    if pads_left(cfg, cfg.task, model.config.model_type):
+        tokenizer.padding_side = "left"
+    if cfg.init_state:
+        state, _ = load_state(cfg.init_state)
+        set_state_(params, state)
+    return FedModel(model=model, tokenizer=tokenizer, params=params, task=cfg.task, method=cfg.method)

@@ -1,0 +1,180 @@
+"""Method name -> peft wrapping: one small registry, as in peft's own tuners.
+
+``full`` leaves the model alone (every parameter trains); ``lora``, ``ia3``,
+``prompt`` and ``prefix`` wrap it with :func:`peft.get_peft_model`, which
+freezes the base. For ``seq_cls`` the classification head is always added to
+``modules_to_save`` so that it trains with the adapter.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftModelForSequenceClassification,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    get_peft_model,
+)
+
+from fedfm.config.schema import ModelConfig
+from fedfm.errors import FedfmError
+from fedfm.models.registry import ENCODER_TYPES
+
+_TASK_TYPES = {"seq_cls": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
+
+
+def head_modules(model: torch.nn.Module) -> list[str]:
+    """Top-level modules with parameters outside the backbone: the task head.
+
+    ``classifier`` for BERT, ``score`` for Llama, ``pre_classifier`` and
+    ``classifier`` for DistilBERT.
+    """
+    backbone = getattr(model, "base_model_prefix", None)
+    return [
+        name
+        for name, child in model.named_children()
+        if name != backbone and any(True for _ in child.parameters())
+    ]
+
+
+def _lora(cfg: ModelConfig, task_type, extra: dict, _tok: Path):
+    c = cfg.lora
+    return LoraConfig(
+        task_type=task_type,
+        r=c.r,
+        lora_alpha=c.alpha,
+        lora_dropout=c.dropout,
+        target_modules=list(c.target_modules) if c.target_modules else None,
+        **extra,
+    )
+
+
+def _ia3(cfg: ModelConfig, task_type, extra: dict, _tok: Path):
+    c = cfg.ia3
+    target = list(c.target_modules) if c.target_modules else None
+    feedforward = list(c.feedforward_modules) if c.feedforward_modules is not None else None
+    if target is not None and feedforward is None:
+        feedforward = []  # custom targets: scale activations (keys/values), not ff inputs
+    return IA3Config(
+        task_type=task_type, target_modules=target, feedforward_modules=feedforward, **extra
+    )
+
+
+def _prompt(cfg: ModelConfig, task_type, extra: dict, tokenizer_path: Path):
+    c = cfg.prompt
+    if c.init_text:
+        init = dict(
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text=c.init_text,
+            tokenizer_name_or_path=str(tokenizer_path),
+            tokenizer_kwargs={"local_files_only": True},
+        )
+    else:
+        # Lester et al. (2021): initialising from vocabulary embeddings beats random init.
+        init = dict(prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    return PromptTuningConfig(
+        task_type=task_type, num_virtual_tokens=c.num_virtual_tokens, **init, **extra
+    )
+
+
+def _prefix(cfg: ModelConfig, task_type, extra: dict, _tok: Path):
+    return PrefixTuningConfig(
+        task_type=task_type, num_virtual_tokens=cfg.prompt.num_virtual_tokens, **extra
+    )
+
+
+PEFT_METHODS: dict[str, Callable] = {"lora": _lora, "ia3": _ia3, "prompt": _prompt, "prefix": _prefix}
+
+
+class _PrefixSeqCls(PeftModelForSequenceClassification):
+    """Prefix tuning for sequence classification on transformers 5.
+
+    peft 0.21 looks for a ``past_key_values`` argument that transformers 5
+    models renamed to ``cache``, and refuses. Here the prefix goes in as the
+    cache of the backbone; for bidirectional encoders (BERT) the real tokens
+    keep positions ``0..L-1`` instead of being shifted by the prefix length.
+    """
+
+    def _prefix_tuning_forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch_size, seq_len = ref.shape[0], ref.shape[1]
+        prefix = self.get_prompt(batch_size)
+        backbone = self.base_model.get_submodule(self.transformer_backbone_name)
+        params = inspect.signature(backbone.forward).parameters
+        kwargs["cache" if "cache" in params else "past_key_values"] = prefix
+        config = self.base_model.config
+        bidirectional = config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False)
+        if bidirectional and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = torch.arange(seq_len, device=ref.device).expand(batch_size, -1)
+        return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+
+def _past_key_values_to_cache(module, args, kwargs):
+    """Forward pre-hook: hand peft's ``past_key_values`` (the prefix) over as ``cache``."""
+    if "past_key_values" in kwargs and "cache" not in kwargs:
+        kwargs["cache"] = kwargs.pop("past_key_values")
+    return args, kwargs
+
+
+def _positions_from_mask(module, args, kwargs):
+    """Forward pre-hook: positions that skip left padding (as ``generate`` does).
+
+    With soft prompts in front of a left-padded batch, each real token then gets
+    the position it has without padding, so outputs do not depend on the batch.
+    """
+    mask = kwargs.get("attention_mask")
+    if kwargs.get("position_ids") is None and kwargs.get("inputs_embeds") is not None and mask is not None:
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+    return args, kwargs
+
+
+def pads_left(cfg: ModelConfig, task: str, model_type: str) -> bool:
+    """Whether the tokenizer must pad on the left for this model and method.
+
+    Soft prompts reach the model as ``inputs_embeds``, so a decoder's sequence
+    classifier cannot find the last non-pad token and pools the last position.
+    """
+    return task == "seq_cls" and cfg.method == "prompt" and model_type not in ENCODER_TYPES
+
+
+def wrap(model: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer_path: Path) -> torch.nn.Module:
+    """Wrap ``model`` for ``cfg.method``; ``full`` makes every parameter trainable."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    make = PEFT_METHODS.get(cfg.method)
+    if make is None:
+        raise FedfmError(f"unknown method {cfg.method!r} (one of: full, {', '.join(PEFT_METHODS)})")
+    extra = {"modules_to_save": head_modules(model)} if task == "seq_cls" else {}
+    try:
+        peft_config = make(cfg, _TASK_TYPES[task], extra, tokenizer_path)
+        with warnings.catch_warnings():  # peft 0.21 calls a name transformers 5 deprecated
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            wrapped = get_peft_model(model, peft_config)
+    except (ValueError, KeyError, TypeError) as e:
+        hint = (
+            f"; set model.{cfg.method}.target_modules"
+            if cfg.method in ("lora", "ia3") and "target_modules" in str(e)
+            else ""
+        )
+        raise FedfmError(
+            f"cannot wrap {model.config.model_type} for method {cfg.method!r}: {e}{hint}"
+        ) from None
+    if cfg.method == "prefix" and task == "seq_cls":
+        wrapped.__class__ = _PrefixSeqCls
+    elif pads_left(cfg, task, model.config.model_type):
+        model.register_forward_pre_hook(_positions_from_mask, with_kwargs=True)
+    elif cfg.method == "prefix" and "cache" in inspect.signature(model.forward).parameters:
+        # peft passes the prefix as ``past_key_values``, which transformers 5 renamed.
+        model.register_forward_pre_hook(_past_key_values_to_cache, with_kwargs=True)
+    return wrapped

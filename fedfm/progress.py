@@ -1,0 +1,104 @@
+"""Live progress display (rich) and the short end-of-run summary."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class RunProgress:
+    """Round bar plus a line per evaluated round; silent when disabled."""
+
+    def __init__(self, cfg, console: Console | None = None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.console = console or Console(stderr=False)
+        self.key = "perplexity" if cfg.model.task == "causal_lm" else "accuracy"
+        self.rounds = cfg.federation.rounds
+        self.cohort = cfg.federation.clients_per_round
+        self._progress = None
+
+    def __enter__(self) -> "RunProgress":
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("[bold]round"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task("", total=self.rounds * self.cohort)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None
+
+    def print(self, *args, **kwargs) -> None:
+        if self.enabled:
+            self.console.print(*args, **kwargs)
+
+    def header(self, cfg, n_examples: int, n_test: int, stats: dict, trainable: int, total: int) -> None:
+        self.print(
+            f"[bold]fedfm[/bold] {cfg.name}: {cfg.model.method} on {cfg.model.name} ({cfg.model.task}), "
+            f"{cfg.algorithm.name}, {cfg.federation.num_clients} clients ({cfg.federation.partition.scheme}), "
+            f"{self.cohort}/round, {self.rounds} rounds"
+        )
+        skew = stats.get("label_skew_tv")
+        skew_txt = f", label skew (TV) {skew:.2f}" if skew is not None else ""
+        self.print(
+            f"  data: {n_examples} examples, {n_test} global test; client train sizes "
+            f"{stats['size_min']}-{stats['size_max']} (mean {stats['size_mean']:.1f}){skew_txt}"
+        )
+        self.print(f"  trainable state: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    def client_done(self, cid: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def round_done(self, r: dict) -> None:
+        if self._progress is not None:
+            desc = f"loss {r['train_loss']:.3f}" if "train_loss" in r else ""
+            if f"test_{self.key}" in r:
+                desc += f"  test {self.key} {r[f'test_{self.key}']:.4g}"
+            self._progress.update(self._task, description=desc)
+        if f"test_{self.key}" in r:
+            parts = [f"round {r['round']:>3}", f"test {self.key} {r[f'test_{self.key}']:.4f}", f"loss {r['test_loss']:.4f}"]
+            if f"client_{self.key}_mean" in r:
+                parts.append(
+                    f"clients mean {r[f'client_{self.key}_mean']:.4f} worst10% {r[f'client_{self.key}_worst10']:.4f}"
+                )
+            parts.append(f"up {_fmt_bytes(r['bytes_up_total'])} down {_fmt_bytes(r['bytes_down_total'])}")
+            self.print("  " + " | ".join(parts))
+
+    def summary(self, s: dict) -> None:
+        table = Table(title=f"fedfm summary: {s['name']}", show_header=False)
+        key = s["metric"]
+        value = s.get(f"final_{key}")
+        table.add_row(f"final test {key}", "n/a" if value is None else f"{value:.4f}")
+        fin = s["final"]
+        if f"client_{key}_mean" in fin:
+            table.add_row(
+                f"client {key} mean / worst 10% / std",
+                f"{fin[f'client_{key}_mean']:.4f} / {fin[f'client_{key}_worst10']:.4f} / {fin[f'client_{key}_std']:.4f}",
+            )
+        table.add_row("rounds", str(s["rounds"]))
+        table.add_row("bytes up / down", f"{_fmt_bytes(s['bytes_up_total'])} / {_fmt_bytes(s['bytes_down_total'])}")
+        table.add_row("trainable state", _fmt_bytes(s["trainable_state_bytes"]))
+        if s["rejected_updates"]:
+            table.add_row("rejected updates", str(s["rejected_updates"]))
+        table.add_row("wall time", f"{s['wall_s']:.1f} s")
+        table.add_row("run folder", s["run_dir"])
+        self.console.print(table)

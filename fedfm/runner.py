@@ -1,0 +1,201 @@
+"""Run orchestration: config -> data, model, clients, algorithm -> rounds -> outputs.
+
+Read top to bottom, this is one federated run:
+
+1. load the dataset, hold out a global test set, partition the rest across
+   clients and give each client a local train/test split;
+2. build the model once (frozen base + trainable state) and tokenize once;
+3. run rounds on the simulation runtime, evaluating on the configured cadence;
+4. write the run folder: config.yaml, partition.json, metrics.jsonl,
+   summary.json, final_state.safetensors, metrics.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import yaml
+
+from fedfm.algorithms.registry import build_algorithm
+from fedfm.config import RunConfig, load_config, to_dict, validate
+from fedfm.data.encode import encode
+from fedfm.data.partition import partition, split_client, train_test_split
+from fedfm.data.sources import load_text_dataset
+from fedfm.data.stats import partition_stats
+from fedfm.errors import FedfmError
+from fedfm.eval.evaluate import evaluate
+from fedfm.eval.report import MetricsLog, plot_metrics, write_json
+from fedfm.models import build_model
+from fedfm.models.state import get_state, load_state, save_state, set_state_, state_nbytes
+from fedfm.runtime.client import Client, LocalTrainer
+from fedfm.runtime.simulation import Simulation
+
+log = logging.getLogger("fedfm")
+
+
+def resolve_config(config, overrides: Iterable[str] = ()) -> RunConfig:
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config, overrides)
+    if isinstance(config, RunConfig):
+        data = to_dict(config)
+    elif isinstance(config, dict):
+        data = dict(config)
+    else:
+        raise FedfmError(f"config must be a RunConfig, a dict or a YAML path, not {type(config).__name__}")
+    from fedfm.config.load import apply_overrides
+
+    return validate(apply_overrides(data, overrides))
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.name}-{stamp}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_clients(cfg: RunConfig, ds) -> tuple[np.ndarray, list[Client], dict]:
+    """Global test holdout, partition of the rest, and each client's local split."""
+    n = len(ds.texts)
+    pool, test_idx = train_test_split(n, cfg.data.test_fraction, labels=ds.labels, seed=cfg.seed)
+    p = cfg.federation.partition
+    parts = partition(
+        cfg.federation.num_clients,
+        p.scheme,
+        num_examples=len(pool),
+        labels=None if ds.labels is None else ds.labels[pool],
+        groups=None if ds.groups is None else [ds.groups[i] for i in pool],
+        alpha=p.alpha,
+        min_examples=p.min_examples,
+        seed=cfg.seed,
+    )
+    clients = []
+    for cid, part in enumerate(parts):
+        train, test = split_client(pool[part], cfg.data.client_test_fraction, seed=cfg.seed * 1_000_003 + cid)
+        clients.append(Client(cid=cid, train_idx=train, test_idx=test))
+    num_classes = None if ds.label_names is None else len(ds.label_names)
+    train_parts = [c.train_idx for c in clients]
+    stats = partition_stats(train_parts, ds.labels, num_classes)
+    if cfg.eval.max_test_examples is not None and len(test_idx) > cfg.eval.max_test_examples:
+        rng = np.random.default_rng(cfg.seed)
+        test_idx = np.sort(rng.choice(test_idx, cfg.eval.max_test_examples, replace=False))
+    return test_idx, clients, stats
+
+
+def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
+    """Run one federated job and return its summary (also written to summary.json)."""
+    cfg = resolve_config(config, overrides)
+    out = run_dir_for(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    t_start = time.perf_counter()
+
+    ds = load_text_dataset(cfg.data, cfg.model.task, seed=cfg.seed)
+    if cfg.model.task == "seq_cls" and ds.labels is None:
+        raise FedfmError(f"task seq_cls needs labels, but dataset {cfg.data.dataset!r} has none")
+    test_idx, clients, stats = build_clients(cfg, ds)
+    write_json(out / "partition.json", stats)
+
+    num_labels = len(ds.label_names) if cfg.model.task == "seq_cls" else None
+    fm = build_model(cfg.model, num_labels, seed=cfg.seed)
+    if cfg.model.init_state:
+        state, _ = load_state(cfg.model.init_state)
+        set_state_(fm.params, state)
+    enc = encode(ds.texts, fm.tokenizer, cfg.model.max_length, ds.labels if cfg.model.task == "seq_cls" else None)
+
+    algorithm = build_algorithm(cfg.algorithm, num_clients=len(clients))
+    trainer = LocalTrainer(fm, enc, cfg.train, seed=cfg.seed)
+    sim = Simulation(
+        trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, get_state(fm.params)
+    )
+    trainable = sum(p.numel() for p in fm.params.values())
+    total = sum(p.numel() for p in fm.model.parameters())
+
+    def do_eval(record: dict) -> None:
+        set_state_(fm.params, sim.global_state)
+        metrics = evaluate(fm, enc, test_idx, clients, cfg.eval.batch_size, per_client=cfg.eval.clients)
+        record.update(metrics)
+
+    from fedfm.progress import RunProgress
+
+    metrics_log = MetricsLog(out / "metrics.jsonl")
+    rounds = cfg.federation.rounds
+    with RunProgress(cfg, console=console, enabled=cfg.progress) as progress:
+        progress.header(cfg, len(ds.texts), len(test_idx), stats, trainable, total)
+        if cfg.eval.every > 0:
+            record = {"round": 0, "version": 0, **sim.ledger.snapshot(), "wall_s": time.perf_counter() - t_start}
+            do_eval(record)
+            metrics_log.write(record)
+            progress.round_done(record)
+        for rnd in range(1, rounds + 1):
+            record = sim.run_round(rnd, on_client=progress.client_done)
+            if (cfg.eval.every > 0 and rnd % cfg.eval.every == 0) or rnd == rounds:
+                do_eval(record)
+            record["wall_s"] = time.perf_counter() - t_start
+            metrics_log.write(record)
+            progress.round_done(record)
+    metrics_log.close()
+
+    set_state_(fm.params, sim.global_state)
+    meta = {
+        "model": cfg.model.name,
+        "task": cfg.model.task,
+        "method": cfg.model.method,
+        "num_labels": str(num_labels or 0),
+        "label_names": json.dumps(ds.label_names or []),
+        "version": str(sim.version),
+    }
+    save_state(sim.global_state, out / "final_state.safetensors", metadata=meta)
+    plot_metrics(metrics_log.records, out / "metrics.png", cfg.model.task)
+    summary = make_summary(cfg, metrics_log.records, sim, trainable, total, time.perf_counter() - t_start, out)
+    write_json(out / "summary.json", summary)
+    progress.summary(summary)
+    return summary
+
+
+def make_summary(cfg: RunConfig, records: list[dict], sim: Simulation, trainable: int, total: int, wall: float, out: Path) -> dict:
+    last = records[-1]
+    key = "perplexity" if cfg.model.task == "causal_lm" else "accuracy"
+    final = {k: v for k, v in last.items() if k.startswith(("test_", "client_"))}
+    summary = {
+        "name": cfg.name,
+        "task": cfg.model.task,
+        "model": cfg.model.name,
+        "method": cfg.model.method,
+        "algorithm": cfg.algorithm.name,
+        "num_clients": cfg.federation.num_clients,
+        "clients_per_round": cfg.federation.clients_per_round,
+        "rounds": last["round"],
+        "final_version": sim.version,
+        "metric": key,
+        f"final_{key}": last.get(f"test_{key}"),
+        "final": final,
+        "bytes_down_total": sim.ledger.total["down"],
+        "bytes_up_total": sim.ledger.total["up"],
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_state_bytes": state_nbytes(sim.global_state),
+        "rejected_updates": len(sim.rejected),
+        "wall_s": wall,
+        "run_dir": str(out),
+        "state_file": str(out / "final_state.safetensors"),
+    }
+    return summary
