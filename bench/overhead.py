@@ -56,7 +56,7 @@ def plain_loop(model, params, enc, clients, state0, cohorts, steps, batch_size, 
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(global_state[k])
-            opt = torch.optim.AdamW(list(params.values()), lr=lr)
+            opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
             s = derive_seed(seed, rnd, cid)
             torch.manual_seed(s)
             gen = torch.Generator().manual_seed(s)

@@ -35,7 +35,7 @@ from fedfm.errors import FedfmError
 from fedfm.eval.evaluate import evaluate
 from fedfm.eval.report import MetricsLog, plot_metrics, write_json
 from fedfm.models import build_model
-from fedfm.models.state import get_state, load_state, save_state, set_state_, state_nbytes
+from fedfm.models.state import get_state, save_state, set_state_, state_nbytes
 from fedfm.runtime.client import Client, LocalTrainer
 from fedfm.runtime.simulation import Simulation
 
@@ -115,10 +115,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     write_json(out / "partition.json", stats)
 
     num_labels = len(ds.label_names) if cfg.model.task == "seq_cls" else None
-    fm = build_model(cfg.model, num_labels, seed=cfg.seed)
-    if cfg.model.init_state:
-        state, _ = load_state(cfg.model.init_state)
-        set_state_(fm.params, state)
+    fm = build_model(cfg.model, num_labels, seed=cfg.seed)  # loads model.init_state when set
     enc = encode(ds.texts, fm.tokenizer, cfg.model.max_length, ds.labels if cfg.model.task == "seq_cls" else None)
 
     algorithm = build_algorithm(cfg.algorithm, num_clients=len(clients))

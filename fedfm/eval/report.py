@@ -13,7 +13,7 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.records: list[dict] = []
-        self._fh = open(path, "a", encoding="utf-8")
+        self._fh = open(path, "w", encoding="utf-8")  # a run folder holds one run
 
     def write(self, record: dict) -> None:
         self.records.append(record)

@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fedfm.config.schema import ModelConfig
 from fedfm.errors import FedfmError
-from fedfm.models.methods import head_modules, pads_left, wrap
-from fedfm.models.registry import load_base_model, load_tokenizer, resolve
+from fedfm.models.methods import wrap
+from fedfm.models.registry import ENCODER_TYPES, head_modules, load_base_model, load_tokenizer, resolve
 from fedfm.models.state import load_state, set_state_
 
 _ADAPTER = "default"  # peft's adapter name; dropped from the state names
@@ -81,6 +81,14 @@ def _check_length(cfg: ModelConfig, config) -> None:
         )
 
 
+def _uses_token_types(cfg: ModelConfig, model: torch.nn.Module) -> bool:
+    """Whether the model reads ``token_type_ids``: BERT-like encoders do, unless peft
+    drops them (prompt learning for causal_lm); a Llama with BERT's vocab does not."""
+    if model.config.model_type not in ENCODER_TYPES:
+        return False
+    return not (cfg.task == "causal_lm" and cfg.method in ("prompt", "prefix"))
+
+
 def build_model(cfg: ModelConfig, num_labels: int | None = None, seed: int = 0) -> FedModel:
     """Load ``cfg.name``, wrap it for ``cfg.method`` and collect its trainable state.
 
@@ -110,8 +118,8 @@ def build_model(cfg: ModelConfig, num_labels: int | None = None, seed: int = 0) 
         raise FedfmError(f"method {cfg.method!r} left no trainable parameter in {cfg.name}")
     if heads and not any(k.split(".")[0] in heads for k in params):
         raise FedfmError(f"the classification head {heads} of {cfg.name} is not trainable")
-    if pads_left(cfg, cfg.task, model.config.model_type):
-        tokenizer.padding_side = "left"
+    if "token_type_ids" in tokenizer.model_input_names and not _uses_token_types(cfg, model):
+        tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
     if cfg.init_state:
         state, _ = load_state(cfg.init_state)
         set_state_(params, state)

@@ -27,23 +27,9 @@ from peft import (
 
 from fedfm.config.schema import ModelConfig
 from fedfm.errors import FedfmError
-from fedfm.models.registry import ENCODER_TYPES
+from fedfm.models.registry import ENCODER_TYPES, head_modules
 
 _TASK_TYPES = {"seq_cls": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
-
-
-def head_modules(model: torch.nn.Module) -> list[str]:
-    """Top-level modules with parameters outside the backbone: the task head.
-
-    ``classifier`` for BERT, ``score`` for Llama, ``pre_classifier`` and
-    ``classifier`` for DistilBERT.
-    """
-    backbone = getattr(model, "base_model_prefix", None)
-    return [
-        name
-        for name, child in model.named_children()
-        if name != backbone and any(True for _ in child.parameters())
-    ]
 
 
 def _lora(cfg: ModelConfig, task_type, extra: dict, _tok: Path):
@@ -125,24 +111,27 @@ def _past_key_values_to_cache(module, args, kwargs):
     return args, kwargs
 
 
-def _positions_from_mask(module, args, kwargs):
-    """Forward pre-hook: positions that skip left padding (as ``generate`` does).
+def _pad_left(module, args, kwargs):
+    """Forward pre-hook for soft prompts on a decoder's sequence classifier.
 
-    With soft prompts in front of a left-padded batch, each real token then gets
-    the position it has without padding, so outputs do not depend on the batch.
+    Soft prompts reach the model as ``inputs_embeds``, so the classifier cannot
+    find the last non-pad token and pools the last position. Moving each row's
+    padding to the left (order of real tokens kept) and counting positions over
+    real tokens only (as ``generate`` does) makes the last position real and
+    the logits independent of padding side and batch composition.
     """
-    mask = kwargs.get("attention_mask")
-    if kwargs.get("position_ids") is None and kwargs.get("inputs_embeds") is not None and mask is not None:
-        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+    embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+    if embeds is None or mask is None or kwargs.get("position_ids") is not None:
+        return args, kwargs
+    order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices  # pads first
+    mask = mask.gather(1, order)
+    kwargs["inputs_embeds"] = embeds.gather(1, order.unsqueeze(-1).expand_as(embeds))
+    kwargs["attention_mask"] = mask
+    kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_(min=0)
     return args, kwargs
 
 
-def pads_left(cfg: ModelConfig, task: str, model_type: str) -> bool:
-    """Whether the tokenizer must pad on the left for this model and method.
-
-    Soft prompts reach the model as ``inputs_embeds``, so a decoder's sequence
-    classifier cannot find the last non-pad token and pools the last position.
-    """
+def _soft_prompt_decoder_cls(cfg: ModelConfig, task: str, model_type: str) -> bool:
     return task == "seq_cls" and cfg.method == "prompt" and model_type not in ENCODER_TYPES
 
 
@@ -163,7 +152,7 @@ def wrap(model: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer_path: Pa
             wrapped = get_peft_model(model, peft_config)
     except (ValueError, KeyError, TypeError) as e:
         hint = (
-            f"; set model.{cfg.method}.target_modules"
+            f" (check model.{cfg.method}.target_modules)"
             if cfg.method in ("lora", "ia3") and "target_modules" in str(e)
             else ""
         )
@@ -172,8 +161,8 @@ def wrap(model: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer_path: Pa
         ) from None
     if cfg.method == "prefix" and task == "seq_cls":
         wrapped.__class__ = _PrefixSeqCls
-    elif pads_left(cfg, task, model.config.model_type):
-        model.register_forward_pre_hook(_positions_from_mask, with_kwargs=True)
+    elif _soft_prompt_decoder_cls(cfg, task, model.config.model_type):
+        model.register_forward_pre_hook(_pad_left, with_kwargs=True)
     elif cfg.method == "prefix" and "cache" in inspect.signature(model.forward).parameters:
         # peft passes the prefix as ``past_key_values``, which transformers 5 renamed.
         model.register_forward_pre_hook(_past_key_values_to_cache, with_kwargs=True)

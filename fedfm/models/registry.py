@@ -218,6 +218,20 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
+def head_modules(model: torch.nn.Module) -> list[str]:
+    """Top-level modules with parameters outside the backbone: the task head.
+
+    ``classifier`` for BERT, ``score`` for Llama, ``pre_classifier`` and
+    ``classifier`` for DistilBERT.
+    """
+    backbone = getattr(model, "base_model_prefix", None)
+    return [
+        name
+        for name, child in model.named_children()
+        if name != backbone and any(True for _ in child.parameters())
+    ]
+
+
 def load_base_model(source: ModelSource, task: str, num_labels: int | None, tokenizer):
     """Instantiate the task model (``seq_cls`` or ``causal_lm``) in float32.
 
@@ -225,7 +239,8 @@ def load_base_model(source: ModelSource, task: str, num_labels: int | None, toke
     random-init models and supplies ``pad_token_id``.
 
     Random-init models are built under :data:`TINY_SEED` with the global RNG
-    state restored afterwards.
+    state restored afterwards; only their ``seq_cls`` head, like the new head
+    of a pretrained model, comes from the caller's RNG.
     """
     _offline()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -247,7 +262,13 @@ def load_base_model(source: ModelSource, task: str, num_labels: int | None, toke
             if source.random_init:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(TINY_SEED)
-                    return auto.from_config(config, dtype=torch.float32)
+                    model = auto.from_config(config, dtype=torch.float32)
+                # Like a pretrained model's new head, the task head is not part of the
+                # fixed base: it is drawn from the caller's RNG.
+                if task == "seq_cls":
+                    for name in head_modules(model):
+                        model.get_submodule(name).apply(model._init_weights)
+                return model
             return auto.from_pretrained(
                 str(source.path), config=config, dtype=torch.float32, local_files_only=True
             )
