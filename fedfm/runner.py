@@ -138,8 +138,9 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     with RunProgress(cfg, console=console, enabled=cfg.progress) as progress:
         progress.header(cfg, len(ds.texts), len(test_idx), stats, trainable, total)
         if cfg.eval.every > 0:
-            record = {"round": 0, "version": 0, **sim.ledger.snapshot(), "wall_s": time.perf_counter() - t_start}
+            record = {"round": 0, "version": 0, **sim.ledger.snapshot()}
             do_eval(record)
+            record["wall_s"] = time.perf_counter() - t_start
             metrics_log.write(record)
             progress.round_done(record)
         for rnd in range(1, rounds + 1):
