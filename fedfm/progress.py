@@ -81,6 +81,8 @@ class RunProgress:
                     f"clients mean {r[f'client_{self.key}_mean']:.4f} worst10% {r[f'client_{self.key}_worst10']:.4f}"
                 )
             parts.append(f"up {_fmt_bytes(r['bytes_up_total'])} down {_fmt_bytes(r['bytes_down_total'])}")
+            if "dp_epsilon" in r:
+                parts.append(f"epsilon {r['dp_epsilon']:.3f}")
             self.print("  " + " | ".join(parts))
 
     def summary(self, s: dict) -> None:
@@ -94,7 +96,10 @@ class RunProgress:
                 f"client {key} mean / worst 10% / std",
                 f"{fin[f'client_{key}_mean']:.4f} / {fin[f'client_{key}_worst10']:.4f} / {fin[f'client_{key}_std']:.4f}",
             )
-        table.add_row("rounds", str(s["rounds"]))
+        table.add_row("rounds", str(s["rounds"]) + (f" (stopped: {s['stop_reason']})" if s.get("stop_reason") else ""))
+        if s.get("privacy"):
+            p = s["privacy"]
+            table.add_row("client-level DP (epsilon, delta)", f"({p['epsilon']:.3f}, {p['delta']:.1e}), noise multiplier {p['noise_multiplier']:.3f}")
         table.add_row("bytes up / down", f"{_fmt_bytes(s['bytes_up_total'])} / {_fmt_bytes(s['bytes_down_total'])}")
         table.add_row("trainable state", _fmt_bytes(s["trainable_state_bytes"]))
         if s["rejected_updates"]:

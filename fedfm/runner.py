@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import yaml
 
-from fedfm.algorithms.registry import build_algorithm
 from fedfm.config import RunConfig, load_config, to_dict, validate
 from fedfm.data.encode import encode
 from fedfm.data.partition import partition, split_client, train_test_split
@@ -37,6 +36,7 @@ from fedfm.eval.report import MetricsLog, plot_metrics, write_json
 from fedfm.models import build_model
 from fedfm.models.state import get_state, save_state, set_state_, state_nbytes
 from fedfm.runtime.client import Client, LocalTrainer
+from fedfm.runtime.compose import build_server
 from fedfm.runtime.simulation import Simulation
 
 log = logging.getLogger("fedfm")
@@ -118,7 +118,8 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     fm = build_model(cfg.model, num_labels, seed=cfg.seed)  # loads model.init_state when set
     enc = encode(ds.texts, fm.tokenizer, cfg.model.max_length, ds.labels if cfg.model.task == "seq_cls" else None)
 
-    algorithm = build_algorithm(cfg.algorithm, num_clients=len(clients))
+    server = build_server(cfg, num_clients=len(clients))
+    algorithm = server.algorithm
     trainer = LocalTrainer(fm, enc, cfg.train, seed=cfg.seed)
     sim = Simulation(
         trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, get_state(fm.params)
@@ -134,6 +135,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     from fedfm.progress import RunProgress
 
     metrics_log = MetricsLog(out / "metrics.jsonl")
+    stop_reason = None
     rounds = cfg.federation.rounds
     with RunProgress(cfg, console=console, enabled=cfg.progress) as progress:
         progress.header(cfg, len(ds.texts), len(test_idx), stats, trainable, total)
@@ -144,8 +146,16 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
             metrics_log.write(record)
             progress.round_done(record)
         for rnd in range(1, rounds + 1):
+            if not server.budget_allows_next_round():
+                stop_reason = f"privacy budget: round {rnd} would exceed epsilon={server.target_epsilon}"
+                progress.print(f"  stopped before round {rnd}: {stop_reason}")
+                break
             record = sim.run_round(rnd, on_client=progress.client_done)
-            if (cfg.eval.every > 0 and rnd % cfg.eval.every == 0) or rnd == rounds:
+            if server.accountant is not None:
+                server.accountant.step()
+            record.update(server.privacy_record())
+            last = rnd == rounds or not server.budget_allows_next_round()
+            if (cfg.eval.every > 0 and rnd % cfg.eval.every == 0) or last:
                 do_eval(record)
             record["wall_s"] = time.perf_counter() - t_start
             metrics_log.write(record)
@@ -164,6 +174,18 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     save_state(sim.global_state, out / "final_state.safetensors", metadata=meta)
     plot_metrics(metrics_log.records, out / "metrics.png", cfg.model.task)
     summary = make_summary(cfg, metrics_log.records, sim, trainable, total, time.perf_counter() - t_start, out)
+    summary["stop_reason"] = stop_reason
+    if server.accountant is not None:
+        acc = server.accountant
+        summary["privacy"] = {
+            "epsilon": acc.epsilon(),
+            "delta": acc.delta,
+            "noise_multiplier": acc.noise_multiplier,
+            "sampling_rate": acc.sampling_rate,
+            "accountant": acc.kind,
+            "rounds_accounted": acc.steps,
+            "target_epsilon": server.target_epsilon,
+        }
     write_json(out / "summary.json", summary)
     progress.summary(summary)
     return summary

@@ -179,3 +179,50 @@ def test_cli_missing_columns_and_too_many_clients(tmp_path):
         ["run", "model.name=tiny-bert", f"data.dataset={csv}", "federation.num_clients=50", "federation.clients_per_round=5", "progress=false"],
     )
     assert res.exit_code == 2 and "50" in res.output and "Traceback" not in res.output
+
+
+def test_client_dp_run_reports_epsilon_and_stops_at_the_budget(tmp_path):
+    from fedfm.privacy.accountant import compute_epsilon
+
+    over = tiny_cls_overrides(
+        tmp_path,
+        **{
+            "federation.rounds": 5,
+            "eval.every": 0,
+            "privacy.client_dp.enabled": True,
+            "privacy.client_dp.noise_multiplier": 1.0,
+            "privacy.client_dp.clip_norm": 0.5,
+            "privacy.client_dp.delta": 1e-3,
+        },
+    )
+    # budget: what 3 rounds cost, so the 4th must not run
+    eps3 = compute_epsilon(1.0, 3 / 6, 1e-3, 3)
+    s = fedfm.run(None, over + [f"privacy.client_dp.target_epsilon={eps3 * 1.0001}"])
+    assert s["rounds"] == 3 and "privacy budget" in s["stop_reason"]
+    assert s["privacy"]["epsilon"] == pytest.approx(eps3)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert records[0]["dp_epsilon"] < records[2]["dp_epsilon"]
+    assert records[0]["dp_clip_norm"] == 0.5
+
+
+def test_client_dp_noise_multiplier_from_target_epsilon(tmp_path):
+    from fedfm.privacy.accountant import compute_epsilon
+
+    over = tiny_cls_overrides(
+        tmp_path,
+        **{"federation.rounds": 4, "eval.every": 0, "privacy.client_dp.enabled": True, "privacy.client_dp.target_epsilon": 4.0},
+    )
+    s = fedfm.run(None, over)
+    p = s["privacy"]
+    assert s["rounds"] == 4 and p["delta"] == pytest.approx(1e-5)
+    assert p["epsilon"] <= 4.0 and p["epsilon"] == pytest.approx(4.0, rel=0.01)
+    assert compute_epsilon(p["noise_multiplier"], 0.5, 1e-5, 4) == pytest.approx(p["epsilon"])
+
+
+def test_client_dp_refuses_scaffold(tmp_path):
+    res = runner.invoke(
+        app,
+        ["run", *tiny_cls_overrides(tmp_path, **{"algorithm.name": "scaffold", "privacy.client_dp.enabled": True, "privacy.client_dp.noise_multiplier": 1.0})],
+    )
+    assert res.exit_code == 2 and "privacy.client_dp" in res.output

@@ -123,6 +123,49 @@ class EvalConfig(Section):
     max_test_examples: int | None = Field(None, ge=1)
 
 
+class ClientDPConfig(Section):
+    """Client-level DP (DP-FedAvg, McMahan et al. 2018); adaptive clipping (Andrew et al. 2021)."""
+
+    enabled: bool = False
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)  # None: derived from target_epsilon
+    target_epsilon: float | None = Field(None, gt=0)  # budget: training stops before exceeding it
+    delta: float | None = Field(None, gt=0, lt=1)  # None: 1 / num_clients
+    accountant: Literal["rdp", "pld"] = "rdp"
+    adaptive: bool = False
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_lr: float = Field(0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _noise_source(self) -> "ClientDPConfig":
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("client DP needs noise_multiplier or target_epsilon")
+        return self
+
+
+class PrivacyConfig(Section):
+    client_dp: ClientDPConfig = ClientDPConfig()
+
+
+class RobustConfig(Section):
+    """Robust server aggregation (replaces the weighted mean of the algorithm's fold)."""
+
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bound"] = "mean"
+    num_byzantine: int = Field(0, ge=0)  # f, the number of attackers a rule must tolerate per round
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)
+    multi_krum_m: int | None = Field(None, ge=1)
+    norm_bound: float = Field(1.0, gt=0)
+
+
+class AttackConfig(Section):
+    """Simulated model-poisoning attackers, for evaluating defenses."""
+
+    name: Literal["none", "sign_flip", "gaussian", "scale", "alie", "ipm"] = "none"
+    fraction: float = Field(0.0, ge=0, le=1)  # of all clients, chosen once per run
+    scale: float = Field(1.0, gt=0)  # sign_flip / scale factor; IPM epsilon
+    noise_std: float = Field(1.0, gt=0)  # gaussian
+
+
 class RunConfig(Section):
     name: str = "run"
     seed: int = 0
@@ -135,3 +178,6 @@ class RunConfig(Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    robust: RobustConfig = RobustConfig()
+    attack: AttackConfig = AttackConfig()

@@ -1,0 +1,289 @@
+"""Client-level differential privacy for the FedAvg family: DP-FedAvg with optional adaptive clipping.
+
+DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018, "Learning Differentially
+Private Recurrent Language Models", ICLR). Each round:
+
+1. ``add``: clip every client's whole update delta (all float tensors of the
+   trainable state *jointly*) to L2 norm ``C`` and add it to a running sum
+   with weight 1;
+2. ``finish``: add Gaussian noise ``N(0, (σ_Δ C)² I)`` to the sum, divide by
+   the expected cohort size ``m`` (``denominator="expected"``: the fixed-
+   denominator unbiased estimator of the paper, whose sensitivity is ``C/m``)
+   or by the actual number of updates (``"actual"``: lower variance, but the
+   count itself is then released unnoised — not covered by the accountant),
+   and hand the noised mean to the algorithm's
+   :class:`~fedfm.algorithms.fedopt.ServerOptimizer` exactly as
+   :class:`~fedfm.algorithms.fedavg.MeanDeltaFold` does (FedAvg, FedAvgM,
+   FedAdam ... all become their DP variants; the optimizer is post-processing).
+
+Why uniform weights: the privacy guarantee needs a bound on how much one
+client can change the released sum. With weight 1 and clipping to ``C``, adding
+or removing one client moves the sum by at most ``C``. Example-count weights
+would make that bound depend on the client's (private, unbounded) example
+count, so the noise ``σC`` would no longer hide a client. (McMahan et al.
+allow capped weights; we keep weight 1, their ``w_k = 1`` case.)
+
+Adaptive clipping (Andrew, Thakkar, McMahan & Ramaswamy 2021, "Differentially
+Private Learning with Adaptive Clipping", NeurIPS): the clip norm tracks the
+``γ``-quantile of update norms. Each client contributes the bit
+``b_i = [‖Δ_i‖ ≤ C]``; the server releases the noised fraction
+``b̄ = 1/2 + (Σ_i (b_i − 1/2) + N(0, σ_b²)) / m`` (centred bits, sensitivity 1/2)
+and updates geometrically ``C ← C · exp(−η_C (b̄ − γ))``. The two releases
+share the budget: with total noise multiplier ``z`` the update sum uses
+``σ_Δ = (z^{-2} − (2σ_b)^{-2})^{-1/2}`` (Andrew et al., Thm. 1), so the pair
+is exactly as private as one Gaussian mechanism with multiplier ``z`` and the
+accountant runs with ``z``. Needs ``2σ_b > z``; the default
+``σ_b = m / 20`` is the paper's recommendation. The round that clips with
+``C_t`` also produces ``C_{t+1}``.
+
+Randomness: noise comes from a ``torch.Generator`` seeded from
+``(seed, round)`` (round = number of ``finish`` calls, kept in ``state_dict``)
+so simulations are reproducible and no two rounds share noise. That is fine
+for research, **not for deployment**: torch's PRNG is not cryptographically
+secure and floating-point Gaussian sampling has known leaks (Mironov 2012).
+``secure=True`` reseeds every round from ``secrets`` (OS entropy), which
+removes predictability of the seed but not those caveats; a real deployment
+should use a vetted secure sampler (e.g. a discrete Gaussian).
+
+Noise is added even when no update arrived in a round: skipping it would
+reveal that the cohort was empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from collections import OrderedDict
+from typing import Literal, Mapping
+
+import torch
+
+from fedfm.algorithms.base import Algorithm, Update
+from fedfm.algorithms.fedavg import MeanDeltaFold, compute_dtype
+from fedfm.algorithms.fedopt import ServerOptimizer
+
+Denominator = Literal["expected", "actual"]
+
+
+def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of all floating-point tensors taken together (computed in float64)."""
+    total = 0.0
+    for t in tensors.values():
+        if t.is_floating_point():
+            total += float(t.detach().to(torch.float64).pow(2).sum())
+    return math.sqrt(total)
+
+
+def clip_by_global_norm(
+    delta: Mapping[str, torch.Tensor], clip_norm: float
+) -> tuple["OrderedDict[str, torch.Tensor]", float]:
+    """Scale all float tensors jointly so their global L2 norm is at most ``clip_norm``.
+
+    Returns ``(clipped, norm)`` where ``norm`` is the norm *before* clipping.
+    Factor ``min(1, C / norm)``; updates already within the norm are returned
+    unchanged (as copies). Non-float tensors are passed through and do not count
+    toward the norm. Inputs are not modified; dtypes are kept.
+    """
+    if not (clip_norm > 0 and math.isfinite(clip_norm)):
+        raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
+    norm = global_norm(delta)
+    factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    out = OrderedDict()
+    for k, t in delta.items():
+        if t.is_floating_point() and factor < 1.0:
+            out[k] = (t.detach().to(torch.float64) * factor).to(t.dtype)
+        else:
+            out[k] = t.detach().clone()
+    return out, norm
+
+
+def _round_seed(seed: int, round_index: int) -> int:
+    digest = hashlib.sha256(f"fedfm.client_dp:{seed}:{round_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class ClientDPFold(MeanDeltaFold):
+    """DP-FedAvg server fold: clip in ``add``, noise in ``finish``, then a server-optimizer step.
+
+    Args:
+        optimizer: the server optimizer (default ``ServerSGD(1.0)``: DP-FedAvg).
+        clip_norm: ``C`` (the initial value when ``adaptive``).
+        noise_multiplier: ``z``, total noise multiplier (what the accountant uses).
+        expected_clients: ``m``, the expected cohort size (``q · N``).
+        denominator: ``"expected"`` (divide by ``m``) or ``"actual"`` (by the count).
+        adaptive: track the ``target_quantile`` of update norms (Andrew et al. 2021).
+        target_quantile: ``γ`` in (0, 1).
+        clip_lr: ``η_C`` > 0, the geometric clip-norm learning rate.
+        clipped_count_stddev: ``σ_b``; default ``m / 20`` when adaptive and z > 0.
+        seed: seed of the noise generator (see the module docstring).
+        secure: reseed every round from OS entropy instead of ``seed``.
+
+    After each ``finish``, ``last_round`` holds the stats of that round.
+    """
+
+    def __init__(
+        self,
+        optimizer: ServerOptimizer | None = None,
+        clip_norm: float = 1.0,
+        noise_multiplier: float = 1.0,
+        expected_clients: float = 1.0,
+        denominator: Denominator = "expected",
+        adaptive: bool = False,
+        target_quantile: float = 0.5,
+        clip_lr: float = 0.2,
+        clipped_count_stddev: float | None = None,
+        seed: int = 0,
+        secure: bool = False,
+    ) -> None:
+        super().__init__(optimizer, weighting="uniform")
+        if not (clip_norm > 0 and math.isfinite(clip_norm)):
+            raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
+        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+        if not expected_clients > 0:
+            raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
+        if denominator not in ("expected", "actual"):
+            raise ValueError(f"denominator must be 'expected' or 'actual', got {denominator!r}")
+        if not 0 < target_quantile < 1:
+            raise ValueError(f"target_quantile must be in (0, 1), got {target_quantile}")
+        if not clip_lr > 0:
+            raise ValueError(f"clip_lr must be > 0, got {clip_lr}")
+        self.clip_norm = float(clip_norm)
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_clients = float(expected_clients)
+        self.denominator = denominator
+        self.adaptive = bool(adaptive)
+        self.target_quantile = float(target_quantile)
+        self.clip_lr = float(clip_lr)
+        self.seed = int(seed)
+        self.secure = bool(secure)
+        self.rounds = 0  # finish() calls so far: the noise stream index
+        self.last_round: dict[str, float] = {}
+
+        z = self.noise_multiplier
+        if not self.adaptive:
+            self.clipped_count_stddev = 0.0
+            self.delta_noise_multiplier = z
+        else:
+            sb = self.expected_clients / 20.0 if clipped_count_stddev is None else float(clipped_count_stddev)
+            if sb < 0:
+                raise ValueError(f"clipped_count_stddev must be >= 0, got {sb}")
+            if z == 0:
+                self.delta_noise_multiplier = 0.0  # no privacy asked for: no split needed
+            elif 2 * sb <= z:
+                raise ValueError(
+                    f"adaptive clipping needs 2·clipped_count_stddev > noise_multiplier "
+                    f"(got σ_b={sb}, z={z}); increase clipped_count_stddev"
+                )
+            else:
+                self.delta_noise_multiplier = (z**-2 - (2 * sb) ** -2) ** -0.5
+            self.clipped_count_stddev = sb
+
+    # -- the fold -----------------------------------------------------------
+    def start(self, global_state: Mapping[str, torch.Tensor], version: int = 0) -> None:
+        super().start(global_state, version)
+        self._sums: OrderedDict[str, torch.Tensor] | None = None
+        self._norm_sum = 0.0
+        self._norm_max = 0.0
+        self._num_clipped = 0  # ‖Δ‖ > C
+        self._num_within = 0  # ‖Δ‖ ≤ C: Σ b_i for adaptive clipping
+
+    def add(self, update: Update) -> bool:
+        """Clip the whole float delta jointly to ``C`` and add it with weight 1."""
+        g = self._require_started()
+        self.weight(update)  # validates num_examples; the weight is 1 regardless
+        part = self._float_part(update.delta, g, f"client {update.client_id} delta")
+        norm = global_norm(part)
+        if not math.isfinite(norm):
+            raise ValueError(f"client {update.client_id} delta has a non-finite norm")
+        factor = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
+        if self._sums is None:
+            self._sums = OrderedDict((k, torch.zeros_like(g[k], dtype=torch.float64)) for k in self._float_keys)
+        for k, acc in self._sums.items():
+            acc.add_(part[k].to(device=acc.device, dtype=torch.float64), alpha=factor)
+        self._mean.count += 1
+        self._mean.total_weight += 1.0
+        self._norm_sum += norm
+        self._norm_max = max(self._norm_max, norm)
+        if norm <= self.clip_norm:
+            self._num_within += 1
+        else:
+            self._num_clipped += 1
+        return True
+
+    def finish(self) -> "OrderedDict[str, torch.Tensor]":
+        g = self._require_started()
+        self._global = None
+        n = self._mean.count
+        gen = self._generator()
+        C = self.clip_norm
+        sum_std = self.delta_noise_multiplier * C
+        denom = self.expected_clients if self.denominator == "expected" else float(max(n, 1))
+
+        x, mean = OrderedDict(), OrderedDict()
+        for k in self._float_keys:
+            dt = compute_dtype(g[k].dtype)
+            s = self._sums[k] if self._sums is not None else torch.zeros(g[k].shape, dtype=torch.float64)
+            s = s.cpu()
+            if sum_std > 0:
+                s = s + torch.normal(0.0, sum_std, size=tuple(s.shape), generator=gen, dtype=torch.float64)
+            x[k] = g[k].detach().to(dt)
+            mean[k] = (s / denom).to(device=g[k].device, dtype=dt)
+        new = self.optimizer.step(x, mean) if self._float_keys else OrderedDict()
+
+        stats = {
+            "clip_norm": C,
+            "num_clients": float(n),
+            "mean_update_norm": self._norm_sum / n if n else 0.0,
+            "max_update_norm": self._norm_max,
+            "fraction_clipped": self._num_clipped / n if n else 0.0,
+            "noise_std": sum_std / denom,  # per coordinate, on the mean
+            "noise_multiplier": self.noise_multiplier,
+            "delta_noise_multiplier": self.delta_noise_multiplier,
+            "denominator": denom,
+        }
+        if self.adaptive:
+            noisy = self._num_within - n / 2.0
+            if self.clipped_count_stddev > 0 and self.noise_multiplier > 0:
+                noisy += float(torch.normal(0.0, self.clipped_count_stddev, size=(1,), generator=gen, dtype=torch.float64))
+            b_bar = 0.5 + noisy / self.expected_clients
+            self.clip_norm = C * math.exp(-self.clip_lr * (b_bar - self.target_quantile))
+            stats["unclipped_fraction_estimate"] = b_bar
+            stats["next_clip_norm"] = self.clip_norm
+        self.last_round = stats
+        self.rounds += 1
+        return OrderedDict((k, new[k].to(v.dtype) if k in new else v.detach().clone()) for k, v in g.items())
+
+    # -- state --------------------------------------------------------------
+    def _generator(self) -> torch.Generator:
+        gen = torch.Generator()
+        gen.manual_seed(secrets.randbits(63) if self.secure else _round_seed(self.seed, self.rounds))
+        return gen
+
+    def state_dict(self) -> dict:
+        """JSON-able fold state for resuming (server-optimizer moments are kept elsewhere)."""
+        return {"clip_norm": self.clip_norm, "rounds": self.rounds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clip_norm = float(state["clip_norm"])
+        self.rounds = int(state["rounds"])
+
+
+def with_client_dp(algorithm: Algorithm, **dp_kwargs) -> Algorithm:
+    """Make a FedAvg-family algorithm (FedAvg, FedOpt variants, FedProx) its DP-FedAvg variant.
+
+    Replaces ``algorithm.fold`` (a plain :class:`MeanDeltaFold`) in place with a
+    :class:`ClientDPFold` that keeps the same server optimizer (and its state);
+    the client hook is untouched. ``dp_kwargs`` go to :class:`ClientDPFold`.
+    Returns the same algorithm object. SCAFFOLD is refused: its control-variate
+    deltas travel unclipped and unnoised, so it would not be private.
+    """
+    fold = algorithm.fold
+    if type(fold) is not MeanDeltaFold:
+        raise ValueError(
+            f"client-level DP supports the FedAvg family (MeanDeltaFold); "
+            f"{algorithm.name!r} uses {type(fold).__name__}"
+        )
+    algorithm.fold = ClientDPFold(fold.optimizer, **dp_kwargs)
+    return algorithm
