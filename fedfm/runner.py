@@ -35,6 +35,7 @@ from fedfm.eval.evaluate import evaluate
 from fedfm.eval.report import MetricsLog, plot_metrics, write_json
 from fedfm.models import build_model
 from fedfm.models.state import get_state, save_state, set_state_, state_nbytes
+from fedfm.robustness.attacks import Attack
 from fedfm.runtime.client import Client, LocalTrainer
 from fedfm.runtime.compose import build_server
 from fedfm.runtime.simulation import Simulation
@@ -121,8 +122,9 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     server = build_server(cfg, num_clients=len(clients))
     algorithm = server.algorithm
     trainer = LocalTrainer(fm, enc, cfg.train, seed=cfg.seed)
+    attack = Attack(**cfg.attack.model_dump(), seed=cfg.seed) if cfg.attack.name != "none" else None
     sim = Simulation(
-        trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, get_state(fm.params)
+        trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, get_state(fm.params), attack=attack
     )
     trainable = sum(p.numel() for p in fm.params.values())
     total = sum(p.numel() for p in fm.model.parameters())
@@ -214,6 +216,8 @@ def make_summary(cfg: RunConfig, records: list[dict], sim: Simulation, trainable
         "total_params": total,
         "trainable_state_bytes": state_nbytes(sim.global_state),
         "rejected_updates": len(sim.rejected),
+        "malicious_clients": sorted(sim.malicious),
+        "robust_rule": cfg.robust.rule,
         "wall_s": wall,
         "run_dir": str(out),
         "state_file": str(out / "final_state.safetensors"),

@@ -226,3 +226,38 @@ def test_client_dp_refuses_scaffold(tmp_path):
         ["run", *tiny_cls_overrides(tmp_path, **{"algorithm.name": "scaffold", "privacy.client_dp.enabled": True, "privacy.client_dp.noise_multiplier": 1.0})],
     )
     assert res.exit_code == 2 and "privacy.client_dp" in res.output
+
+
+def _attack_run(tmp_path, name, **extra):
+    over = {
+        "federation.num_clients": 10,
+        "federation.clients_per_round": 10,
+        "federation.rounds": 5,
+        "federation.partition.scheme": "iid",
+        "eval.every": 0,
+        "eval.clients": False,
+        "out": tmp_path / name,
+    }
+    over.update(extra)
+    return fedfm.run(None, tiny_cls_overrides(tmp_path, **over))
+
+
+def test_sign_flip_attack_breaks_fedavg_and_median_defends(tmp_path):
+    clean = _attack_run(tmp_path, "clean")
+    attack = {"attack.name": "sign_flip", "attack.fraction": 0.3, "attack.scale": 4.0}
+    hit = _attack_run(tmp_path, "hit", **attack)
+    defended = _attack_run(tmp_path, "defended", **attack, **{"robust.rule": "median", "robust.num_byzantine": 3})
+    assert len(hit["malicious_clients"]) == 3
+    assert clean["final_accuracy"] > 0.8
+    assert hit["final_accuracy"] < clean["final_accuracy"] - 0.2, (clean, hit)
+    assert defended["final_accuracy"] > clean["final_accuracy"] - 0.1, (clean, defended)
+
+
+def test_krum_rejects_too_many_byzantine_for_the_cohort(tmp_path):
+    res = runner.invoke(
+        app,
+        ["run", *tiny_cls_overrides(tmp_path, **{"robust.rule": "krum", "robust.num_byzantine": 2, "federation.rounds": 1})],
+    )
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == "error: robust.rule=krum needs n > 2f + 2 clients per round; got n=3, f=2 (robust.num_byzantine)"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any round ran

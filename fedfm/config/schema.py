@@ -158,13 +158,14 @@ class RobustConfig(Section):
 
 
 class AttackConfig(Section):
-    """Simulated model-poisoning attackers, for evaluating defenses."""
+    """Simulated model-poisoning attackers, for evaluating defenses (fedfm/robustness/attacks.py)."""
 
-    name: Literal["none", "sign_flip", "gaussian", "scale", "alie", "ipm"] = "none"
+    name: Literal["none", "sign_flip", "gaussian", "model_replacement", "alie", "ipm"] = "none"
     fraction: float = Field(0.0, ge=0, le=1)  # of all clients, chosen once per run
-    scale: float = Field(1.0, gt=0)  # sign_flip / scale factor; IPM epsilon
-    noise_std: float = Field(1.0, gt=0)  # gaussian
-
+    scale: float = Field(1.0, gt=0)  # sign_flip factor
+    sigma: float = Field(1.0, gt=0)  # gaussian: std of the replacement noise
+    epsilon: float = Field(0.1, gt=0)  # IPM strength
+    z: float | None = None  # ALIE: None = the paper's z_max for the cohort
 
 class RunConfig(Section):
     name: str = "run"

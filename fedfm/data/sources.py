@@ -314,6 +314,7 @@ def _load_file(cfg: DataConfig, task: str) -> TextDataset:
     import datasets  # slow import, only needed for local files
 
     try:
+        datasets.disable_progress_bars()  # one clean line per error, no bars in logs
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:  # malformed file: report it as a user error
         raise FedfmError(f"cannot read data file {path}: {type(e).__name__}: {e}".split("\n")[0]) from e

@@ -15,6 +15,7 @@ from fedfm.config.schema import RunConfig
 from fedfm.errors import FedfmError
 from fedfm.privacy.accountant import PrivacyAccountant, noise_multiplier_for
 from fedfm.privacy.client_dp import with_client_dp
+from fedfm.robustness.aggregators import build_robust_fold
 
 
 @dataclass
@@ -43,6 +44,27 @@ class ServerSide:
 def build_server(cfg: RunConfig, num_clients: int) -> ServerSide:
     algorithm = build_algorithm(cfg.algorithm, num_clients=num_clients)
     dp = cfg.privacy.client_dp
+    rb = cfg.robust
+    if rb.rule != "mean":
+        if dp.enabled:
+            raise FedfmError(f"robust.rule={rb.rule} and privacy.client_dp cannot be combined yet")
+        if not hasattr(algorithm.fold, "optimizer") or cfg.algorithm.name == "scaffold":
+            raise FedfmError(f"robust.rule={rb.rule} needs a FedAvg-family algorithm, not {cfg.algorithm.name}")
+        n, f = cfg.federation.clients_per_round, rb.num_byzantine
+        need = {"krum": (n > 2 * f + 2, "n > 2f + 2"), "multi_krum": (n > 2 * f + 2, "n > 2f + 2"),
+                "bulyan": (n >= 4 * f + 3, "n >= 4f + 3")}.get(rb.rule, (True, ""))
+        if not need[0]:
+            raise FedfmError(
+                f"robust.rule={rb.rule} needs {need[1]} clients per round; got n={n}, f={f} (robust.num_byzantine)"
+            )
+        algorithm.fold = build_robust_fold(
+            rb.rule,
+            algorithm.fold.optimizer,
+            num_byzantine=rb.num_byzantine,
+            trim_fraction=rb.trim_fraction,
+            multi_krum_m=rb.multi_krum_m,
+            norm_bound=rb.norm_bound,
+        )
     if not dp.enabled:
         return ServerSide(algorithm)
     q = cfg.federation.clients_per_round / num_clients

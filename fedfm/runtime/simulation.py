@@ -42,6 +42,7 @@ class Simulation:
         clients_per_round: int,
         seed: int,
         initial_state: "OrderedDict[str, torch.Tensor]",
+        attack=None,
     ) -> None:
         self.trainer = trainer
         self.algorithm = algorithm
@@ -52,6 +53,9 @@ class Simulation:
         self.version = 0
         self.ledger = ByteLedger()
         self.rejected: list[dict] = []
+        # Simulated attackers (fedfm.robustness.attacks.Attack): the same clients every round.
+        self.attack = attack if attack is not None and attack.name != "none" else None
+        self.malicious = set(attack.malicious(len(self.clients))) if self.attack else set()
 
     def run_round(self, round_idx: int, on_client: Callable[[int], None] | None = None) -> dict:
         """One synchronous round; returns the round's record (without evaluation)."""
@@ -62,10 +66,22 @@ class Simulation:
         algo.start(self.global_state, self.version)
         down = encode_broadcast(algo.broadcast(self.global_state, self.version))
         losses, weights, accepted = [], [], 0
-        for cid in cohort:
+        bad = [c for c in cohort if c in self.malicious]
+        benign_deltas = []  # kept only for colluding attacks (ALIE, IPM)
+        for cid in [c for c in cohort if c not in self.malicious] + bad:  # honest clients first
             client = self.clients[cid]
             self.ledger.record(cid, "down", len(down))
             update = self.trainer.local_update(algo, decode_broadcast(down), client, round_idx)
+            if cid in self.malicious:
+                update.delta = self.attack.apply(
+                    update.delta,
+                    benign_deltas,
+                    num_clients=len(cohort),
+                    num_byzantine=len(bad),
+                    generator=torch.Generator().manual_seed(derive_seed(self.seed, round_idx, cid, 0xBAD)),
+                )
+            elif self.attack is not None and self.attack.colluding:
+                benign_deltas.append(update.delta)
             up = encode_update(update)
             self.ledger.record(cid, "up", len(up))
             if self._receive(up, round_idx):
@@ -81,6 +97,7 @@ class Simulation:
             "version": self.version,
             "cohort": cohort,
             "accepted": accepted,
+            "malicious": len(bad),
             "train_loss": float(np.average(losses, weights=weights)) if losses else float("nan"),
             **self.ledger.snapshot(),
             "round_s": time.perf_counter() - t0,
