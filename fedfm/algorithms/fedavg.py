@@ -104,19 +104,25 @@ class MeanDeltaFold(ServerFold):
         return self._global
 
     def _float_part(self, tensors: Mapping[str, torch.Tensor], g: Mapping[str, torch.Tensor], what: str):
-        """The float entries of ``tensors``, checked against the global state."""
-        unknown = [k for k in tensors if k not in g]
-        if unknown:
-            raise ValueError(f"{what} has tensors not in the global state: {unknown[:5]}")
-        out = OrderedDict()
-        for k in self._float_keys:
-            if k not in tensors:
-                raise ValueError(f"{what} is missing tensor {k!r}")
-            t = tensors[k]
-            if t.shape != g[k].shape:
-                raise ValueError(f"{what}: {k!r} has shape {tuple(t.shape)}, expected {tuple(g[k].shape)}")
-            out[k] = t.detach()
-        return out
+        return float_entries(tensors, g, self._float_keys, what)
+
+
+def float_entries(
+    tensors: Mapping[str, torch.Tensor], g: Mapping[str, torch.Tensor], float_keys: list[str], what: str
+) -> "OrderedDict[str, torch.Tensor]":
+    """The ``float_keys`` entries of ``tensors``, checked against the global state ``g``."""
+    unknown = [k for k in tensors if k not in g]
+    if unknown:
+        raise ValueError(f"{what} has tensors not in the global state: {unknown[:5]}")
+    out = OrderedDict()
+    for k in float_keys:
+        if k not in tensors:
+            raise ValueError(f"{what} is missing tensor {k!r}")
+        t = tensors[k]
+        if t.shape != g[k].shape:
+            raise ValueError(f"{what}: {k!r} has shape {tuple(t.shape)}, expected {tuple(g[k].shape)}")
+        out[k] = t.detach()
+    return out
 
 
 class FedAvg(Algorithm):

@@ -48,6 +48,7 @@ from typing import Callable, Literal, Mapping
 import torch
 
 from fedfm.algorithms.base import ServerFold, Update
+from fedfm.algorithms.fedavg import float_entries
 from fedfm.algorithms.fedopt import ServerOptimizer, ServerSGD
 from fedfm.errors import FedfmError
 
@@ -273,17 +274,8 @@ class RobustFold(ServerFold):
     def flatten(self, tensors: Mapping[str, torch.Tensor], what: str = "delta") -> torch.Tensor:
         """The float entries of ``tensors`` (global-state order) as one flat vector."""
         g = self._require_started()
-        unknown = [k for k in tensors if k not in g]
-        if unknown:
-            raise ValueError(f"{what} has tensors not in the global state: {unknown[:5]}")
-        parts = []
-        for k in self._float_keys:
-            if k not in tensors:
-                raise ValueError(f"{what} is missing tensor {k!r}")
-            t = tensors[k]
-            if t.shape != g[k].shape:
-                raise ValueError(f"{what}: {k!r} has shape {tuple(t.shape)}, expected {tuple(g[k].shape)}")
-            parts.append(t.detach().reshape(-1).to(device="cpu", dtype=self._dtype()))
+        checked = float_entries(tensors, g, self._float_keys, what)
+        parts = [t.reshape(-1).to(device="cpu", dtype=self._dtype()) for t in checked.values()]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=self._dtype())
 
     def _require_started(self) -> Mapping[str, torch.Tensor]:
