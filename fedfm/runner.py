@@ -122,7 +122,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     server = build_server(cfg, num_clients=len(clients))
     algorithm = server.algorithm
     trainer = LocalTrainer(fm, enc, cfg.train, seed=cfg.seed)
-    attack = Attack(**cfg.attack.model_dump(), seed=cfg.seed) if cfg.attack.name != "none" else None
+    attack = Attack(**cfg.attack.model_dump(), seed=cfg.seed)  # name "none": no attackers
     sim = Simulation(
         trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, get_state(fm.params), attack=attack
     )
@@ -178,16 +178,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     summary = make_summary(cfg, metrics_log.records, sim, trainable, total, time.perf_counter() - t_start, out)
     summary["stop_reason"] = stop_reason
     if server.accountant is not None:
-        acc = server.accountant
-        summary["privacy"] = {
-            "epsilon": acc.epsilon(),
-            "delta": acc.delta,
-            "noise_multiplier": acc.noise_multiplier,
-            "sampling_rate": acc.sampling_rate,
-            "accountant": acc.kind,
-            "rounds_accounted": acc.steps,
-            "target_epsilon": server.target_epsilon,
-        }
+        summary["privacy"] = server.privacy_summary()
     write_json(out / "summary.json", summary)
     progress.summary(summary)
     return summary

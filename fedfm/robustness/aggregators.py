@@ -101,10 +101,23 @@ def krum_scores(x: torch.Tensor, f: int, neighbours: int | None = None) -> torch
     return d2.sort(dim=1).values[:, :k].sum(dim=1)
 
 
+def cohort_requirement(rule: str, n: int, f: int) -> str | None:
+    """The bound on the number of updates ``n`` that ``rule`` with ``f`` attackers violates, or None.
+
+    Krum / Multi-Krum need ``n > 2f + 2`` (Blanchard et al. 2017); Bulyan
+    needs ``n >= 4f + 3`` (El Mhamdi et al. 2018); other rules have no bound.
+    """
+    if rule in ("krum", "multi_krum") and not n > 2 * f + 2:
+        return "n > 2f + 2"
+    if rule == "bulyan" and not n >= 4 * f + 3:
+        return "n >= 4f + 3"
+    return None
+
+
 def _krum_guard(n: int, f: int, what: str) -> None:
     if f < 0:
         raise RobustAggregationError(f"{what}: num_byzantine must be >= 0, got {f}")
-    if not n > 2 * f + 2:
+    if cohort_requirement("krum", n, f):
         raise RobustAggregationError(
             f"{what} needs n > 2f + 2 updates (Blanchard et al. 2017); got n={n}, f={f}"
         )
@@ -144,7 +157,7 @@ def bulyan(x: torch.Tensor, f: int) -> torch.Tensor:
     """
     _check(x)
     n = x.shape[0]
-    if f < 0 or n < 4 * f + 3:
+    if f < 0 or cohort_requirement("bulyan", n, f):
         raise RobustAggregationError(f"Bulyan needs n >= 4f + 3 updates (El Mhamdi et al. 2018); got n={n}, f={f}")
     theta, beta = n - 2 * f, n - 4 * f
     remaining, chosen = list(range(n)), []

@@ -15,7 +15,7 @@ from fedfm.config.schema import RunConfig
 from fedfm.errors import FedfmError
 from fedfm.privacy.accountant import PrivacyAccountant, noise_multiplier_for
 from fedfm.privacy.client_dp import with_client_dp
-from fedfm.robustness.aggregators import build_robust_fold
+from fedfm.robustness.aggregators import build_robust_fold, cohort_requirement
 
 
 @dataclass
@@ -34,6 +34,21 @@ class ServerSide:
                 out[f"dp_{k}"] = v
         return out
 
+    def privacy_summary(self) -> dict | None:
+        """What ``summary.json`` reports under ``privacy`` (None without client-level DP)."""
+        acc = self.accountant
+        if acc is None:
+            return None
+        return {
+            "epsilon": acc.epsilon(),
+            "delta": acc.delta,
+            "noise_multiplier": acc.noise_multiplier,
+            "sampling_rate": acc.sampling_rate,
+            "accountant": acc.kind,
+            "rounds_accounted": acc.steps,
+            "target_epsilon": self.target_epsilon,
+        }
+
     def budget_allows_next_round(self) -> bool:
         """False when one more round would push epsilon past the target budget."""
         if self.accountant is None or self.target_epsilon is None:
@@ -51,11 +66,10 @@ def build_server(cfg: RunConfig, num_clients: int) -> ServerSide:
         if not hasattr(algorithm.fold, "optimizer") or cfg.algorithm.name == "scaffold":
             raise FedfmError(f"robust.rule={rb.rule} needs a FedAvg-family algorithm, not {cfg.algorithm.name}")
         n, f = cfg.federation.clients_per_round, rb.num_byzantine
-        need = {"krum": (n > 2 * f + 2, "n > 2f + 2"), "multi_krum": (n > 2 * f + 2, "n > 2f + 2"),
-                "bulyan": (n >= 4 * f + 3, "n >= 4f + 3")}.get(rb.rule, (True, ""))
-        if not need[0]:
+        need = cohort_requirement(rb.rule, n, f)
+        if need:
             raise FedfmError(
-                f"robust.rule={rb.rule} needs {need[1]} clients per round; got n={n}, f={f} (robust.num_byzantine)"
+                f"robust.rule={rb.rule} needs {need} clients per round; got n={n}, f={f} (robust.num_byzantine)"
             )
         algorithm.fold = build_robust_fold(
             rb.rule,
