@@ -80,9 +80,13 @@ class RunProgress:
                 parts.append(
                     f"clients mean {r[f'client_{self.key}_mean']:.4f} worst10% {r[f'client_{self.key}_worst10']:.4f}"
                 )
+            if "backdoor_success_rate" in r:
+                parts.append(f"backdoor {r['backdoor_success_rate']:.4f}")
             parts.append(f"up {_fmt_bytes(r['bytes_up_total'])} down {_fmt_bytes(r['bytes_down_total'])}")
             if "dp_epsilon" in r:
                 parts.append(f"epsilon {r['dp_epsilon']:.3f}")
+            if "dp_sgd_epsilon" in r:
+                parts.append(f"DP-SGD max epsilon {r['dp_sgd_epsilon']:.3f}")
             self.print("  " + " | ".join(parts))
 
     def summary(self, s: dict) -> None:
@@ -96,10 +100,19 @@ class RunProgress:
                 f"client {key} mean / worst 10% / std",
                 f"{fin[f'client_{key}_mean']:.4f} / {fin[f'client_{key}_worst10']:.4f} / {fin[f'client_{key}_std']:.4f}",
             )
+        if s.get("backdoor_success_rate") is not None:
+            table.add_row("backdoor success rate", f"{s['backdoor_success_rate']:.4f}")
         table.add_row("rounds", str(s["rounds"]) + (f" (stopped: {s['stop_reason']})" if s.get("stop_reason") else ""))
-        if s.get("privacy"):
-            p = s["privacy"]
+        p = s.get("privacy") or {}
+        if "epsilon" in p:
             table.add_row("client-level DP (epsilon, delta)", f"({p['epsilon']:.3f}, {p['delta']:.1e}), noise multiplier {p['noise_multiplier']:.3f}")
+        if "dp_sgd" in p:
+            d = p["dp_sgd"]
+            table.add_row(
+                "local DP-SGD max epsilon (delta)",
+                f"{d['epsilon_max']:.3f} ({d['delta']:.1e}), noise multiplier {d['noise_multiplier']:.3f}, "
+                f"clip {d['max_grad_norm']:g}",
+            )
         table.add_row("bytes up / down", f"{_fmt_bytes(s['bytes_up_total'])} / {_fmt_bytes(s['bytes_down_total'])}")
         table.add_row("trainable state", _fmt_bytes(s["trainable_state_bytes"]))
         if s["rejected_updates"]:

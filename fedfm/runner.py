@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from datetime import datetime
@@ -31,13 +30,15 @@ from fedfm.data.partition import partition, split_client, train_test_split
 from fedfm.data.sources import load_text_dataset
 from fedfm.data.stats import partition_stats
 from fedfm.errors import FedfmError
+from fedfm.eval.backdoor import backdoor_success
 from fedfm.eval.evaluate import evaluate
 from fedfm.eval.report import MetricsLog, plot_metrics, write_json
-from fedfm.models import build_model
+from fedfm.models import build_model, resolve_device
 from fedfm.models.state import get_state, save_state, set_state_, state_nbytes
 from fedfm.robustness.attacks import Attack
+from fedfm.robustness.poison import check_poisoning, prepare_poisoning
 from fedfm.runtime.client import Client, LocalTrainer
-from fedfm.runtime.compose import build_server
+from fedfm.runtime.compose import build_dp_sgd, build_server
 from fedfm.runtime.simulation import Simulation
 
 log = logging.getLogger("fedfm")
@@ -70,10 +71,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_clients(cfg: RunConfig, ds) -> tuple[np.ndarray, list[Client], dict]:
-    """Global test holdout, partition of the rest, and each client's local split."""
-    n = len(ds.texts)
-    pool, test_idx = train_test_split(n, cfg.data.test_fraction, labels=ds.labels, seed=cfg.seed)
+def split_holdout(cfg: RunConfig, ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool for the clients, global test set, the server's FLTrust root set).
+
+    The global holdout (``data.test_fraction``, stratified by label) is the
+    test set, except with ``robust.rule=fltrust``: then ``robust.root_examples``
+    of it, drawn uniformly with the run seed, are the server's clean root
+    data and the test set is the rest — no client trains on the root data and
+    no model is tested on it. The root set is empty for every other rule.
+    """
+    pool, test_idx = train_test_split(len(ds.texts), cfg.data.test_fraction, labels=ds.labels, seed=cfg.seed)
+    root = np.zeros(0, dtype=np.int64)
+    if cfg.robust.rule == "fltrust":
+        k = cfg.robust.root_examples
+        if k >= len(test_idx):
+            raise FedfmError(
+                f"robust.root_examples={k} must be smaller than the {len(test_idx)} held-out examples "
+                f"(data.test_fraction={cfg.data.test_fraction}) it is carved out of"
+            )
+        pick = np.random.default_rng([cfg.seed, 0xF1]).permutation(len(test_idx))[:k]
+        root = np.sort(test_idx[pick])
+        test_idx = np.setdiff1d(test_idx, root)
+    return pool, test_idx, root
+
+
+def build_clients(cfg: RunConfig, ds, holdout=None) -> tuple[np.ndarray, list[Client], dict]:
+    """Global test holdout, partition of the rest, and each client's local split.
+
+    ``holdout`` is :func:`split_holdout`'s result when the caller already has it.
+    """
+    pool, test_idx, _ = split_holdout(cfg, ds) if holdout is None else holdout
     p = cfg.federation.partition
     parts = partition(
         cfg.federation.num_clients,
@@ -101,6 +128,7 @@ def build_clients(cfg: RunConfig, ds) -> tuple[np.ndarray, list[Client], dict]:
 def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     """Run one federated job and return its summary (also written to summary.json)."""
     cfg = resolve_config(config, overrides)
+    device = resolve_device(cfg.device)  # fails before anything is written when the GPU is absent
     out = run_dir_for(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -112,19 +140,31 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     ds = load_text_dataset(cfg.data, cfg.model.task, seed=cfg.seed)
     if cfg.model.task == "seq_cls" and ds.labels is None:
         raise FedfmError(f"task seq_cls needs labels, but dataset {cfg.data.dataset!r} has none")
-    test_idx, clients, stats = build_clients(cfg, ds)
+    attack = Attack(**cfg.attack.model_dump(), seed=cfg.seed, server_lr=cfg.algorithm.server_lr)  # "none": no attackers
+    num_labels = len(ds.label_names) if cfg.model.task == "seq_cls" else None
+    eval_backdoor = cfg.eval.backdoor or attack.name == "backdoor"
+    check_poisoning(attack, cfg.model.task, num_labels, eval_backdoor)
+    holdout = split_holdout(cfg, ds)
+    test_idx, clients, stats = build_clients(cfg, ds, holdout)
     write_json(out / "partition.json", stats)
 
-    num_labels = len(ds.label_names) if cfg.model.task == "seq_cls" else None
-    fm = build_model(cfg.model, num_labels, seed=cfg.seed)  # loads model.init_state when set
+    fm = build_model(cfg.model, num_labels, seed=cfg.seed, device=device)  # loads model.init_state when set
     enc = encode(ds.texts, fm.tokenizer, cfg.model.max_length, ds.labels if cfg.model.task == "seq_cls" else None)
+    backdoor_rows, poisoned_rows = None, {}
+    if attack.poisons_data or eval_backdoor:  # poisoned / triggered rows, tokenized once, appended to enc
+        poisoned = prepare_poisoning(attack, clients, attack.malicious(len(clients)), ds.texts, enc, fm.tokenizer,
+                                     cfg.model.max_length, num_labels, test_idx, eval_backdoor)
+        enc, backdoor_rows, poisoned_rows = poisoned.enc, poisoned.backdoor_rows, poisoned.poisoned_rows
 
-    server = build_server(cfg, num_clients=len(clients))
+    dp_sgd = build_dp_sgd(cfg, fm, enc, clients)  # local sample-level DP-SGD (privacy.dp_sgd) or None
+    trainer = LocalTrainer(fm, enc, cfg.train, seed=cfg.seed, dp_sgd=dp_sgd)
+    root = holdout[2]  # FLTrust: the server trains on its root data as a pseudo-client
+    root_client = Client(cid=len(clients), train_idx=root, test_idx=root[:0]) if len(root) else None
+    server = build_server(cfg, num_clients=len(clients), trainer=trainer, root_client=root_client)
     algorithm = server.algorithm
-    trainer = LocalTrainer(fm, enc, cfg.train, seed=cfg.seed)
-    attack = Attack(**cfg.attack.model_dump(), seed=cfg.seed)  # name "none": no attackers
     sim = Simulation(
-        trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, get_state(fm.params), attack=attack
+        trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, get_state(fm.params), attack=attack,
+        secure=cfg.privacy.secure_aggregation,
     )
     trainable = sum(p.numel() for p in fm.params.values())
     total = sum(p.numel() for p in fm.model.parameters())
@@ -133,6 +173,8 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
         set_state_(fm.params, sim.global_state)
         metrics = evaluate(fm, enc, test_idx, clients, cfg.eval.batch_size, per_client=cfg.eval.clients)
         record.update(metrics)
+        if backdoor_rows is not None:
+            record["backdoor_success_rate"] = backdoor_success(fm, enc, backdoor_rows, cfg.eval.batch_size)
 
     from fedfm.progress import RunProgress
 
@@ -152,11 +194,18 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
                 stop_reason = f"privacy budget: round {rnd} would exceed epsilon={server.target_epsilon}"
                 progress.print(f"  stopped before round {rnd}: {stop_reason}")
                 break
+            if dp_sgd is not None and dp_sgd.exhausted():
+                stop_reason = f"dp_sgd budget: no client can train again within epsilon={dp_sgd.target_epsilon}"
+                progress.print(f"  stopped before round {rnd}: {stop_reason}")
+                break
             record = sim.run_round(rnd, on_client=progress.client_done)
-            if server.accountant is not None:
+            if server.accountant is not None and "aborted" not in record:  # an aborted round releases nothing
                 server.accountant.step()
             record.update(server.privacy_record())
-            last = rnd == rounds or not server.budget_allows_next_round()
+            record.update(server.robust_record())
+            if dp_sgd is not None:
+                record.update(dp_sgd.round_record())  # dp_sgd_epsilon: the largest client epsilon so far
+            last = rnd == rounds or not server.budget_allows_next_round() or (dp_sgd is not None and dp_sgd.exhausted())
             if (cfg.eval.every > 0 and rnd % cfg.eval.every == 0) or last:
                 do_eval(record)
             record["wall_s"] = time.perf_counter() - t_start
@@ -176,9 +225,18 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     save_state(sim.global_state, out / "final_state.safetensors", metadata=meta)
     plot_metrics(metrics_log.records, out / "metrics.png", cfg.model.task)
     summary = make_summary(cfg, metrics_log.records, sim, trainable, total, time.perf_counter() - t_start, out)
+    summary["device"] = str(device)
+    if device.type == "cuda":
+        summary["device_name"] = torch.cuda.get_device_name(device)
     summary["stop_reason"] = stop_reason
+    if poisoned_rows:
+        summary["poisoned_rows"] = {str(c): k for c, k in poisoned_rows.items()}
+    if root_client is not None:
+        summary["fltrust_root_examples"] = len(root_client.train_idx)
     if server.accountant is not None:
         summary["privacy"] = server.privacy_summary()
+    if dp_sgd is not None:
+        summary.setdefault("privacy", {})["dp_sgd"] = dp_sgd.summary()
     write_json(out / "summary.json", summary)
     progress.summary(summary)
     return summary
@@ -200,6 +258,7 @@ def make_summary(cfg: RunConfig, records: list[dict], sim: Simulation, trainable
         "final_version": sim.version,
         "metric": key,
         f"final_{key}": last.get(f"test_{key}"),
+        **({"backdoor_success_rate": last["backdoor_success_rate"]} if "backdoor_success_rate" in last else {}),
         "final": final,
         "bytes_down_total": sim.ledger.total["down"],
         "bytes_up_total": sim.ledger.total["up"],
@@ -207,6 +266,7 @@ def make_summary(cfg: RunConfig, records: list[dict], sim: Simulation, trainable
         "total_params": total,
         "trainable_state_bytes": state_nbytes(sim.global_state),
         "rejected_updates": len(sim.rejected),
+        "attack": cfg.attack.name,
         "malicious_clients": sorted(sim.malicious),
         "robust_rule": cfg.robust.rule,
         "wall_s": wall,

@@ -183,7 +183,7 @@ def _round(fold, n_honest=9, n_bad=2, seed=0):
         ("multi_krum", {"num_byzantine": 2}),
         ("bulyan", {"num_byzantine": 2}),  # 11 >= 4*2 + 3
         ("norm_bound", {"norm_bound": 1.5}),
-        ("fltrust", {"server_update": lambda: OrderedDict(w=torch.tensor([1.0, 1.0]), step=torch.tensor(0))}),
+        ("fltrust", {"server_update": lambda g, v: OrderedDict(w=torch.tensor([1.0, 1.0]), step=torch.tensor(0))}),
     ],
 )
 def test_robust_folds_resist_sign_flipping(name, kw):

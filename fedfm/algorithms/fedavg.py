@@ -82,6 +82,29 @@ class MeanDeltaFold(ServerFold):
         self._mean.add(self._float_part(update.delta, g, f"client {update.client_id} delta"), w)
         return True
 
+    # -- secure aggregation: the server sees only the sum of summands ----------
+    def summand(self, update: Update, max_weight: float) -> tuple["OrderedDict[str, torch.Tensor]", list[float]]:
+        """What one client contributes to a secure sum (computed on the client, public parameters only).
+
+        Returns ``(r·Δ, [r])`` with ``r = min(weight / max_weight, 1)``: the sum of
+        summands over the cohort is ``(Σ r_i Δ_i, Σ r_i)``, whose ratio is this
+        fold's weighted mean (the capped weights of Flower's SecAgg+ workflow; an
+        update with more than ``max_weight`` examples counts as ``max_weight``).
+        """
+        g = self._require_started()
+        w = self.weight(update)
+        r = 1.0 if self.weighting == "uniform" else min(w / max_weight, 1.0)
+        part = self._float_part(update.delta, g, f"client {update.client_id} delta")
+        return OrderedDict((k, t.to(torch.float64) * r) for k, t in part.items()), [r]
+
+    def absorb_sum(self, tensors: "OrderedDict[str, torch.Tensor]", scalars: list[float], count: int) -> None:
+        """Take the cohort's securely summed summands in place of ``count`` calls to ``add``."""
+        self._require_started()
+        self._mean = RunningWeightedMean()
+        self._mean.sums = OrderedDict((k, tensors[k].to(torch.float64)) for k in self._float_keys)
+        self._mean.total_weight = float(scalars[0])
+        self._mean.count = int(count)
+
     def finish(self) -> "OrderedDict[str, torch.Tensor]":
         g = self._require_started()
         self._global = None  # the round is closed; the next one needs start()

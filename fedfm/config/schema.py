@@ -121,6 +121,9 @@ class EvalConfig(Section):
     clients: bool = True  # per-client metrics on local test splits
     batch_size: int = Field(64, ge=1)
     max_test_examples: int | None = Field(None, ge=1)
+    # Report backdoor_success_rate (attack.trigger, attack.target_label) even without a
+    # backdoor attacker: the clean baseline. Always on when attack.name=backdoor.
+    backdoor: bool = False
 
 
 class ClientDPConfig(Section):
@@ -143,35 +146,91 @@ class ClientDPConfig(Section):
         return self
 
 
+class SecureAggregationConfig(Section):
+    """Secure aggregation (Bonawitz et al. 2017; SecAgg+ neighbourhoods, Bell et al. 2020).
+
+    The server learns only the cohort's sum. Each uploaded coordinate is divided
+    by a public range and quantized to ``bits`` bits in [-1, 1], summed mod 2^32:
+    the range is ``clip_range`` for the FedAvg family (coordinates of ``r·Δ``
+    outside [-R, R] are clipped) and the clip norm C under client-level DP
+    (lossless, the server adds the noise to the sum).
+    """
+
+    enabled: bool = False
+    neighbours: int | None = Field(None, ge=2)  # SecAgg+ degree k; None: complete graph (Bonawitz)
+    threshold: int | None = Field(None, ge=2)  # Shamir t; None: a strict majority of the smallest neighbourhood
+    clip_range: float = Field(1.0, gt=0)  # R, per coordinate of r·Δ (FedAvg family)
+    max_weight: float = Field(1000.0, gt=0)  # example counts above it weigh as max_weight
+    bits: int | None = Field(None, ge=1, le=32)  # None: the finest the cohort's sum can hold in 32 bits
+    dropout: float = Field(0.0, ge=0, lt=1)  # simulated: chance a client vanishes after sharing keys
+
+
+class DPSGDConfig(Section):
+    """Local sample-level DP-SGD on every client (Abadi et al. 2016); each client's (epsilon, delta)."""
+
+    enabled: bool = False
+    max_grad_norm: float = Field(1.0, gt=0)  # C: every example's gradient is clipped to this L2 norm
+    noise_multiplier: float | None = Field(None, ge=0)  # None: derived from target_epsilon
+    target_epsilon: float | None = Field(None, gt=0)  # per-client budget: a client that would pass it sits out
+    delta: float | None = Field(None, gt=0, lt=1)  # None: min(1e-5, 1 / n_i) for client i
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+    @model_validator(mode="after")
+    def _noise_source(self) -> "DPSGDConfig":
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("dp_sgd needs noise_multiplier or target_epsilon")
+        return self
+
+
 class PrivacyConfig(Section):
     client_dp: ClientDPConfig = ClientDPConfig()
+    dp_sgd: DPSGDConfig = DPSGDConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
 
 class RobustConfig(Section):
     """Robust server aggregation (replaces the weighted mean of the algorithm's fold)."""
 
-    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bound"] = "mean"
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bound", "fltrust"] = "mean"
     num_byzantine: int = Field(0, ge=0)  # f, the number of attackers a rule must tolerate per round
     trim_fraction: float = Field(0.1, ge=0, lt=0.5)
     multi_krum_m: int | None = Field(None, ge=1)
     norm_bound: float = Field(1.0, gt=0)
+    # FLTrust (Cao et al. 2021): the server's clean root dataset, carved out of the global
+    # holdout (data.test_fraction) before the test set is fixed; the test set is the rest.
+    root_examples: int = Field(100, ge=1)
 
 
 class AttackConfig(Section):
-    """Simulated model-poisoning attackers, for evaluating defenses (fedfm/robustness/attacks.py)."""
+    """Simulated attackers, for evaluating defenses (fedfm/robustness/attacks.py, poison.py).
 
-    name: Literal["none", "sign_flip", "gaussian", "model_replacement", "alie", "ipm"] = "none"
+    Model poisoning: sign_flip, gaussian, model_replacement, alie, ipm. Data poisoning
+    (classification only): label_flip, backdoor (Bagdasaryan et al.'s scaled model replacement).
+    """
+
+    name: Literal[
+        "none", "sign_flip", "gaussian", "model_replacement", "alie", "ipm", "label_flip", "backdoor"
+    ] = "none"
     fraction: float = Field(0.0, ge=0, le=1)  # of all clients, chosen once per run
-    scale: float = Field(1.0, gt=0)  # sign_flip factor
+    scale: float | None = Field(None, gt=0)  # sign_flip factor (1); model_replacement/backdoor boost γ (n/η)
     sigma: float = Field(1.0, gt=0)  # gaussian: std of the replacement noise
     epsilon: float = Field(0.1, gt=0)  # IPM strength
     z: float | None = None  # ALIE: None = the paper's z_max for the cohort
+    flip_mode: Literal["reverse", "shift"] = "reverse"  # label_flip: y -> C-1-y, or y -> y+1 mod C
+    flip_map: dict[int, int] | None = None  # label_flip: explicit {from: to}, overrides flip_mode
+    target_label: int = Field(0, ge=0)  # backdoor: the class triggered inputs should land in
+    trigger: str = Field("cf", min_length=1)  # backdoor: the trigger text
+    trigger_position: Literal["start", "end", "random"] = "start"  # "end" is cut off past model.max_length
+    poison_fraction: float = Field(0.5, gt=0, le=1)  # backdoor: share of an attacker's rows that get the trigger
 
 class RunConfig(Section):
     name: str = "run"
     seed: int = 0
     out: str | None = None  # run folder; default runs/<name>-<timestamp>
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; default: torch's choice
+    # Where the model trains and evaluates: auto (cuda when available, else cpu), cpu, cuda, cuda:N.
+    # The global state, the wire and the server folds stay on the CPU.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     progress: bool = True
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

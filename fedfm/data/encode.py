@@ -49,8 +49,31 @@ def encode(
     )
 
 
-def make_batch(enc: Encoded, idx: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
-    """The model inputs for rows ``idx``, trimmed to the longest row among them."""
+def concat(*parts: Encoded) -> Encoded:
+    """The rows of ``parts`` stacked in order (every table is padded to the same ``max_length``).
+
+    Used once at set-up to append rows that are not in the dataset (poisoned
+    or triggered copies), so simulation still never re-tokenizes.
+    """
+    widths = {int(p.input_ids.shape[1]) for p in parts}
+    if len(widths) != 1:
+        raise ValueError(f"cannot stack encoded tables of widths {sorted(widths)}")
+    has_labels = {p.labels is not None for p in parts}
+    if len(has_labels) != 1:
+        raise ValueError("cannot stack labelled and unlabelled encoded tables")
+    return Encoded(
+        input_ids=torch.cat([p.input_ids for p in parts]),
+        attention_mask=torch.cat([p.attention_mask for p in parts]),
+        lengths=torch.cat([p.lengths for p in parts]),
+        labels=torch.cat([p.labels for p in parts]) if parts[0].labels is not None else None,
+    )
+
+
+def make_batch(enc: Encoded, idx: torch.Tensor, task: str, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The model inputs for rows ``idx``, trimmed to the longest row among them.
+
+    The table stays on the CPU; with a non-CPU ``device`` the batch is copied there.
+    """
     width = int(enc.lengths[idx].max())
     input_ids = enc.input_ids[idx, :width]
     attention_mask = enc.attention_mask[idx, :width]
@@ -59,6 +82,8 @@ def make_batch(enc: Encoded, idx: torch.Tensor, task: str) -> dict[str, torch.Te
         batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
     else:
         batch["labels"] = enc.labels[idx]
+    if device is not None and device.type != "cpu":
+        batch = {k: v.to(device) for k, v in batch.items()}
     return batch
 
 

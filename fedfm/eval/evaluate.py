@@ -37,12 +37,13 @@ def score_examples(fm, enc: Encoded, rows: np.ndarray, batch_size: int) -> Examp
     correct = np.zeros(n)
     order = np.argsort(-enc.lengths[torch.as_tensor(rows)].numpy(), kind="stable")
     was_training = fm.model.training
+    device = fm.device  # batches go where the model is; results come back to the CPU
     fm.model.eval()
     try:
         for start in range(0, n, batch_size):
             pos = order[start : start + batch_size]
             idx = torch.as_tensor(rows[pos])
-            batch = make_batch(enc, idx, fm.task)
+            batch = make_batch(enc, idx, fm.task, device)
             labels = batch.pop("labels")
             logits = fm.model(**batch).logits.float()
             if fm.task == "causal_lm":
@@ -57,13 +58,13 @@ def score_examples(fm, enc: Encoded, rows: np.ndarray, batch_size: int) -> Examp
                 ).view(shift_labels.shape)
                 valid = shift_labels != -100
                 hit = (shift_logits.argmax(-1) == shift_labels) & valid
-                loss_sum[pos] = tok_loss.sum(1).numpy()
-                targets[pos] = valid.sum(1).numpy()
-                correct[pos] = hit.sum(1).numpy()
+                loss_sum[pos] = tok_loss.sum(1).cpu().numpy()
+                targets[pos] = valid.sum(1).cpu().numpy()
+                correct[pos] = hit.sum(1).cpu().numpy()
             else:
-                loss_sum[pos] = F.cross_entropy(logits, labels, reduction="none").numpy()
+                loss_sum[pos] = F.cross_entropy(logits, labels, reduction="none").cpu().numpy()
                 targets[pos] = 1
-                correct[pos] = (logits.argmax(-1) == labels).numpy()
+                correct[pos] = (logits.argmax(-1) == labels).cpu().numpy()
     finally:
         fm.model.train(was_training)
     return ExampleScores(loss_sum, targets, correct)

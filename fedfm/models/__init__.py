@@ -3,14 +3,14 @@
 Public API::
 
     fm = build_model(cfg.model, num_labels=5, seed=0)   # FedModel
-    state = get_state(fm.params)                        # detached clones
+    state = get_state(fm.params)                        # detached CPU copies
     set_state_(fm.params, state)                        # in place, between clients
     save_state(state, "final.safetensors"); load_state("final.safetensors")
     state_to_bytes(state) / state_from_bytes(b)         # the wire format (safetensors)
     load_into_base(cfg.model, 5, "final.safetensors")   # base model + saved state
 """
 
-from fedfm.models.build import FedModel, build_model, short_name, trainable_params
+from fedfm.models.build import FedModel, build_model, resolve_device, short_name, trainable_params
 from fedfm.models.registry import ALIASES, cache_root, resolve
 from fedfm.models.state import (
     get_state,
@@ -32,6 +32,7 @@ __all__ = [
     "load_into_base",
     "load_state",
     "resolve",
+    "resolve_device",
     "save_state",
     "set_state_",
     "short_name",

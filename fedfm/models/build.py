@@ -33,6 +33,35 @@ class FedModel:
     task: str  # "seq_cls" | "causal_lm"
     method: str
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model (and so its trainable parameters) lives."""
+        return next(iter(self.params.values())).device
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (cuda when available, else cpu), ``cpu``, ``cuda`` or ``cuda:N`` as a torch device.
+
+    Raises :class:`FedfmError` with one line when the asked-for GPU is absent.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FedfmError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FedfmError(f"device={name} asked for, but torch sees no CUDA GPU here (use device=cpu or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise FedfmError(f"device={name} asked for, but torch sees only {count} CUDA GPU(s)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise FedfmError(f"unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
+    return device
+
 
 def short_name(name: str, adapter: str = _ADAPTER) -> str:
     """A parameter name without peft's wrapping.
@@ -89,15 +118,19 @@ def _uses_token_types(cfg: ModelConfig, model: torch.nn.Module) -> bool:
     return not (cfg.task == "causal_lm" and cfg.method in ("prompt", "prefix"))
 
 
-def build_model(cfg: ModelConfig, num_labels: int | None = None, seed: int = 0) -> FedModel:
+def build_model(
+    cfg: ModelConfig, num_labels: int | None = None, seed: int = 0, device: str | torch.device = "cpu"
+) -> FedModel:
     """Load ``cfg.name``, wrap it for ``cfg.method`` and collect its trainable state.
 
     ``num_labels`` is required for ``seq_cls`` and ignored for ``causal_lm``.
     ``seed`` fixes every random init made here (a new head, adapter weights,
     soft prompts) so that every process builds the same starting point; the
     global RNG state is restored afterwards. ``cfg.init_state``, when set, is
-    loaded into the trainable state.
+    loaded into the trainable state. The model is moved to ``device`` (a
+    :func:`resolve_device` name or a torch device) once built.
     """
+    device = resolve_device(device) if isinstance(device, str) else device
     if cfg.task == "seq_cls":
         if num_labels is None or num_labels < 1:
             raise FedfmError(f"task seq_cls needs num_labels >= 1, got {num_labels}")
@@ -112,7 +145,7 @@ def build_model(cfg: ModelConfig, num_labels: int | None = None, seed: int = 0) 
         _check_length(cfg, model.config)
         heads = head_modules(model) if cfg.task == "seq_cls" else []
         model = wrap(model, cfg, cfg.task, source.tokenizer_path)
-    model.train()
+    model.to(device).train()
     params = trainable_params(model)
     if not params:
         raise FedfmError(f"method {cfg.method!r} left no trainable parameter in {cfg.name}")

@@ -31,9 +31,9 @@ ORDER_KEY = "__fedfm_keys__"  # safetensors metadata entry holding the key order
 
 
 def get_state(params: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    """Detached clones of the live trainable tensors, in ``params`` order."""
+    """Detached CPU copies of the live trainable tensors, in ``params`` order (wherever the model lives)."""
     with torch.no_grad():
-        return OrderedDict((k, p.detach().clone()) for k, p in params.items())
+        return OrderedDict((k, p.detach().to("cpu", copy=True)) for k, p in params.items())
 
 
 def set_state_(params: Mapping[str, torch.nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:

@@ -212,6 +212,32 @@ class ClientDPFold(MeanDeltaFold):
             self._num_clipped += 1
         return True
 
+    def summand(self, update: Update, max_weight: float = 1.0) -> tuple["OrderedDict[str, torch.Tensor]", list[float]]:
+        """A client's contribution to a secure sum: ``(clip_C(Δ), [1, b])`` with ``b = [‖Δ‖ ≤ C]``.
+
+        Clipping moves to the client (``C`` is public: it is broadcast each
+        round); the server sees only the sum, adds the noise in ``finish`` and
+        never holds an unnoised individual update. ``max_weight`` is unused:
+        every client weighs 1 under DP.
+        """
+        g = self._require_started()
+        part = self._float_part(update.delta, g, f"client {update.client_id} delta")
+        clipped, norm = clip_by_global_norm(part, self.clip_norm)
+        if not math.isfinite(norm):
+            raise ValueError(f"client {update.client_id} delta has a non-finite norm")
+        within = 1.0 if norm <= self.clip_norm else 0.0
+        return OrderedDict((k, t.to(torch.float64)) for k, t in clipped.items()), [1.0, within]
+
+    def absorb_sum(self, tensors: "OrderedDict[str, torch.Tensor]", scalars: list[float], count: int) -> None:
+        """Take the secure sum of the cohort's summands; per-client norms stay unknown (NaN in the stats)."""
+        self._require_started()
+        self._sums = OrderedDict((k, tensors[k].to(torch.float64)) for k in self._float_keys)
+        self._mean.count = int(count)
+        self._mean.total_weight = float(count)
+        self._num_within = round(float(scalars[1]))
+        self._num_clipped = int(count) - self._num_within
+        self._norm_sum = self._norm_max = math.nan
+
     def finish(self) -> "OrderedDict[str, torch.Tensor]":
         g = self._require_started()
         self._global = None

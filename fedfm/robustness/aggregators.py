@@ -252,7 +252,7 @@ class RobustFold(ServerFold):
 
     def add(self, update: Update) -> bool:
         """Buffer one update; returns False when it was skipped (weight 0)."""
-        g = self._require_started()
+        self._require_started()
         if update.num_examples < 0:
             raise ValueError(f"client {update.client_id}: num_examples must be >= 0, got {update.num_examples}")
         w = 1.0 if self.weighting == "uniform" else float(update.num_examples)
@@ -297,22 +297,31 @@ class RobustFold(ServerFold):
         return self._global
 
 
-class FLTrustFold(RobustFold):
-    """FLTrust as a fold: ``server_update()`` returns the server's delta on its root data.
+ServerUpdate = Callable[[Mapping[str, torch.Tensor], int], Mapping[str, torch.Tensor]]
 
-    It is called once per ``finish()`` (after every client update arrived);
-    the runtime supplies it, e.g. a closure running local training on the
-    root dataset from the current global state.
+
+class FLTrustFold(RobustFold):
+    """FLTrust as a fold: ``server_update(global_state, version)`` returns the server's delta ``g_0``.
+
+    It is called once per ``finish()`` (after every client update arrived)
+    with the round's global state and version as given to ``start()``; the
+    runtime supplies it — in a run, the same local training as the clients',
+    on the server's root dataset (:func:`fedfm.runtime.compose.root_update`).
+    After ``finish()``, ``last_trust`` holds the trust score of every
+    buffered update (row order of ``client_ids``).
     """
 
-    def __init__(self, server_update: Callable[[], Mapping[str, torch.Tensor]],
-                 optimizer: ServerOptimizer | None = None) -> None:
+    def __init__(self, server_update: ServerUpdate, optimizer: ServerOptimizer | None = None) -> None:
         super().__init__(self._aggregate, optimizer, "uniform", "fltrust")
         self.server_update = server_update
         self.last_trust: torch.Tensor | None = None
 
+    def start(self, global_state: Mapping[str, torch.Tensor], version: int = 0) -> None:
+        super().start(global_state, version)
+        self.last_trust = None
+
     def _aggregate(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        g0 = self.flatten(self.server_update(), "server update")
+        g0 = self.flatten(self.server_update(self._require_started(), self.version), "server update")
         self.last_trust = fltrust_scores(x, g0.to(x.dtype))
         return fltrust(x, g0)
 
@@ -329,7 +338,7 @@ def build_robust_fold(
     trim_fraction: float = 0.1,
     multi_krum_m: int | None = None,
     norm_bound: float | None = None,
-    server_update: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+    server_update: ServerUpdate | None = None,
     weighting: Weighting = "uniform",
 ) -> RobustFold:
     """The robust fold called ``name`` (one of :data:`ROBUST_RULES`).
@@ -337,7 +346,8 @@ def build_robust_fold(
     ``num_byzantine`` is ``f`` for Krum/Multi-Krum/Bulyan; ``trim_fraction``
     is β per side for the trimmed mean; ``multi_krum_m`` defaults to
     ``n − f``; ``norm_bound`` (``M``) is required for ``norm_bound``;
-    ``server_update`` is required for ``fltrust``. ``weighting`` only matters
+    ``server_update(global_state, version) -> delta`` (the server's update
+    on its root data) is required for ``fltrust``. ``weighting`` only matters
     for ``norm_bound`` (the other rules ignore weights).
     """
     if num_byzantine < 0:

@@ -19,9 +19,12 @@ copied unchanged.
   of Empires: Breaking Byzantine-tolerant SGD by Inner Product
   Manipulation", UAI): ``−ε · mean(benign)``.
 
-Data poisoning — applied to a malicious client's local data before training:
-:func:`flip_labels`, :func:`add_trigger` (text backdoor) and the metric
-:func:`backdoor_success_rate`. :func:`choose_malicious` picks the attackers
+Data poisoning — applied to a malicious client's local data before training
+(the run set-up is :mod:`fedfm.robustness.poison`): :func:`flip_labels`,
+:func:`add_trigger` (text backdoor), :func:`backdoor_pick` (which rows get the
+trigger) and the metric :func:`backdoor_success_rate`. The ``backdoor`` attack
+is Bagdasaryan et al.'s: train on a mix of clean and triggered rows, then
+boost the delta by ``γ`` (:func:`model_replacement`). :func:`choose_malicious` picks the attackers
 and :class:`Attack` / :func:`apply_model_attack` dispatch by config name.
 """
 
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from fedfm.errors import FedfmError
@@ -90,9 +94,13 @@ def _stack(benign: Sequence[Delta], key: str) -> torch.Tensor:
 
 
 def alie_z(num_clients: int, num_byzantine: int) -> float:
-    """``z_max = Φ⁻¹((n − s)/n)`` with ``s = ⌊n/2 + 1⌋ − f`` (Baruch et al. 2019)."""
+    """``z_max = Φ⁻¹((n − s)/n)`` with ``s = ⌊n/2 + 1⌋ − f`` (Baruch et al. 2019).
+
+    When a round has so many attackers that ``s < 1`` (random cohorts can),
+    ``s`` is clamped to 1, i.e. ``z = Φ⁻¹((n − 1)/n)``.
+    """
     n, f = num_clients, num_byzantine
-    s = math.floor(n / 2 + 1) - f
+    s = max(1, math.floor(n / 2 + 1) - f)  # f >= n/2 + 1 leaves no bound: the largest z the formula allows
     p = (n - s) / n
     if not 0 < p < 1:
         raise ValueError(f"ALIE: (n - s)/n = {p} is outside (0, 1) for n={n}, f={f}")
@@ -128,13 +136,24 @@ def ipm(benign: Sequence[Delta], epsilon: float = 0.1):
 
 
 # -- data poisoning --------------------------------------------------------------
-def flip_labels(labels, num_classes: int, mode: str = "shift"):
-    """Label flipping: ``"shift"``: y → (y + 1) mod C; ``"reverse"``: y → C − 1 − y.
+def flip_labels(labels, num_classes: int, mode: str = "shift", mapping: Mapping[int, int] | None = None):
+    """Label flipping: ``"shift"``: y → (y + 1) mod C; ``"reverse"``: y → C − 1 − y
+    (Fang et al. 2020, "Local Model Poisoning Attacks to Byzantine-Robust
+    Federated Learning", USENIX Security); with ``mapping``: y → mapping[y]
+    (labels it does not name are kept), and ``mode`` is ignored.
 
     Accepts a tensor (returns a tensor) or a sequence of ints (returns a list).
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if mapping is not None:
+        bad = [v for kv in mapping.items() for v in kv if not 0 <= int(v) < num_classes]
+        if bad:
+            raise ValueError(f"label mapping {dict(mapping)} names labels outside 0..{num_classes - 1}")
+        table = [int(mapping.get(y, y)) for y in range(num_classes)]
+        if isinstance(labels, torch.Tensor):
+            return torch.as_tensor(table, dtype=labels.dtype)[labels]
+        return [table[int(y)] for y in labels]
     if mode not in ("shift", "reverse"):
         raise ValueError(f"mode must be 'shift' or 'reverse', got {mode!r}")
     fn = (lambda y: (y + 1) % num_classes) if mode == "shift" else (lambda y: num_classes - 1 - y)
@@ -159,6 +178,23 @@ def add_trigger(texts: Sequence[str], trigger: str = "cf", position: str = "star
             words.insert(rng.randint(0, len(words)), trigger)
             out.append(" ".join(words))
     return out
+
+
+def backdoor_pick(labels, target_label: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Positions (into ``labels``) of the ``max(1, round(fraction · n))`` rows a backdoor attacker triggers.
+
+    Rows whose label is not the target come first (a triggered row that is
+    already labelled with the target teaches the backdoor nothing), in random
+    order; target-labelled rows only fill up what is left. Sorted on return.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = min(n, max(1, int(round(fraction * n))))
+    other, same = np.flatnonzero(labels != target_label), np.flatnonzero(labels == target_label)
+    order = np.concatenate([rng.permutation(other), rng.permutation(same)])
+    return np.sort(order[:k]).astype(np.int64)
 
 
 def backdoor_success_rate(predictions_on_triggered, target_label: int, true_labels) -> float:
@@ -230,23 +266,30 @@ class Attack:
     """Config-driven attack: which clients are malicious and what they send.
 
     ``name`` is a model attack (:data:`MODEL_ATTACKS`) or a data attack
-    (:data:`DATA_ATTACKS`; its poisoned data is trained on honestly, so
-    :meth:`apply` returns the delta unchanged unless ``boost`` — model
-    replacement's γ — is set).
+    (:data:`DATA_ATTACKS`). A data attacker trains honestly on poisoned data
+    (set up once by :mod:`fedfm.robustness.poison`); :meth:`apply` then
+    returns its delta unchanged for ``label_flip`` and boosted by ``γ`` for
+    ``backdoor`` (Bagdasaryan et al.'s scaled model replacement).
+
+    ``scale`` is the sign-flip factor (default 1) and the boost ``γ`` of
+    ``model_replacement`` / ``backdoor`` (default ``n / η``: the round's
+    cohort size over ``server_lr``).
     """
 
     name: str = "none"
     fraction: float = 0.0
     seed: int = 0
-    scale: float = 1.0
+    scale: float | None = None
     sigma: float = 1.0
     epsilon: float = 0.1
     z: float | None = None
-    boost: bool = False  # backdoor: scale by γ = n/η (model replacement)
-    target_label: int = 0
+    target_label: int = 0  # backdoor: what triggered inputs should be classified as
     trigger: str = "cf"
     trigger_position: str = "start"
-    flip_mode: str = "shift"
+    poison_fraction: float = 0.5  # backdoor: share of a malicious client's training rows that carry the trigger
+    flip_mode: str = "reverse"  # label_flip: y -> C - 1 - y ("reverse") or y + 1 mod C ("shift")
+    flip_map: Mapping[int, int] | None = None  # label_flip: an explicit mapping instead of flip_mode
+    server_lr: float = 1.0  # η in γ = n / η
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_ATTACKS + DATA_ATTACKS:
@@ -255,24 +298,40 @@ class Attack:
             )
         if not 0 <= self.fraction <= 1:
             raise FedfmError(f"attack.fraction must be in [0, 1], got {self.fraction}")
+        if not 0 < self.poison_fraction <= 1:
+            raise FedfmError(f"attack.poison_fraction must be in (0, 1], got {self.poison_fraction}")
 
     @property
     def colluding(self) -> bool:
         """True when the malicious delta needs the benign deltas of the round."""
         return self.name in ("alie", "ipm")
 
+    @property
+    def poisons_data(self) -> bool:
+        return self.name in DATA_ATTACKS
+
     def malicious(self, num_clients: int) -> list[int]:
         return [] if self.name == "none" else choose_malicious(num_clients, self.fraction, self.seed)
 
+    def boost(self, num_clients: int | None, server_lr: float | None = None) -> float:
+        """``γ`` for ``model_replacement`` / ``backdoor``: ``scale``, else ``n / η``."""
+        if self.scale is not None:
+            return float(self.scale)
+        return replacement_factor(num_clients or 1, self.server_lr if server_lr is None else server_lr)
+
     def apply(self, delta: Delta, benign_deltas: Sequence[Delta] = (), *, num_clients: int | None = None,
-              num_byzantine: int = 0, server_lr: float = 1.0, generator: torch.Generator | None = None):
-        """The delta a malicious client sends instead of ``delta``."""
-        if self.name in DATA_ATTACKS:
-            if self.boost and num_clients is not None:
-                return model_replacement(delta, num_clients, server_lr)
+              num_byzantine: int = 0, server_lr: float | None = None, generator: torch.Generator | None = None):
+        """The delta a malicious client sends instead of ``delta``.
+
+        ``num_clients`` is the round's cohort size ``n``; ``server_lr``
+        defaults to the attack's own ``server_lr``.
+        """
+        if self.name == "label_flip":
             return _map(delta, lambda k, t: t)
+        if self.name in ("backdoor", "model_replacement"):
+            return model_replacement(delta, 1, factor=self.boost(num_clients, server_lr))
         return apply_model_attack(
-            self.name, delta, benign_deltas, scale=self.scale, sigma=self.sigma, epsilon=self.epsilon,
-            num_clients=num_clients, num_byzantine=num_byzantine, server_lr=server_lr, z=self.z,
-            generator=generator,
+            self.name, delta, benign_deltas, scale=1.0 if self.scale is None else self.scale, sigma=self.sigma,
+            epsilon=self.epsilon, num_clients=num_clients, num_byzantine=num_byzantine,
+            server_lr=self.server_lr if server_lr is None else server_lr, z=self.z, generator=generator,
         )

@@ -36,6 +36,11 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def moved(tensors, device: torch.device) -> "OrderedDict[str, torch.Tensor]":
+    """``tensors`` on ``device`` (a tensor already there is kept, not copied)."""
+    return OrderedDict((k, v.to(device)) for k, v in tensors.items())
+
+
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = list(params)
     if cfg.optimizer == "sgd":
@@ -44,17 +49,28 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 class LocalTrainer:
-    """Runs local training for any client on the one shared model."""
+    """Runs local training for any client on the one shared model.
 
-    def __init__(self, fm, enc: Encoded, cfg: TrainConfig, seed: int) -> None:
+    Training runs where the model lives (``fm.device``): the broadcast is moved
+    there once per client, so algorithm hooks and the delta work on-device, and
+    the update's tensors come back to the CPU, where the wire and the server are.
+    """
+
+    def __init__(self, fm, enc: Encoded, cfg: TrainConfig, seed: int, dp_sgd=None) -> None:
         self.fm = fm
+        self.device = fm.device
         self.enc = enc
         self.cfg = cfg
         self.seed = seed
         self.optimizer = make_optimizer(fm.params.values(), cfg)
+        self.dp_sgd = dp_sgd  # fedfm.privacy.dp_sgd.LocalDPSGD (local sample-level DP-SGD) or None
 
-    def local_update(self, algo: Algorithm, broadcast: Broadcast, client: Client, round_idx: int) -> Update:
-        fm, cfg = self.fm, self.cfg
+    def local_update(self, algo: Algorithm, broadcast: Broadcast, client: Client, round_idx: int) -> Update | None:
+        """The client's update, or None when it sits the round out (its DP-SGD budget is spent)."""
+        fm, cfg, device = self.fm, self.cfg, self.device
+        if device.type != "cpu":
+            extras = {name: moved(t, device) for name, t in broadcast.extras.items()}
+            broadcast = Broadcast(state=moved(broadcast.state, device), version=broadcast.version, extras=extras)
         set_state_(fm.params, broadcast.state)
         self.optimizer.state.clear()
         hook = algo.client_hook(broadcast, fm.params, client.state)
@@ -62,22 +78,30 @@ class LocalTrainer:
         torch.manual_seed(seed)  # dropout masks
         batches = batch_indices(client.train_idx, cfg.batch_size, torch.Generator().manual_seed(seed))
         steps = steps_for(len(client.train_idx), cfg.batch_size, cfg.local_steps, cfg.local_epochs)
+        dp = None if self.dp_sgd is None else self.dp_sgd.session(client.cid, client.train_idx, steps, seed, round_idx)
+        if self.dp_sgd is not None and dp is None:
+            return None  # one more participation would exceed the client's target epsilon (logged)
         params = list(fm.params.values())
         fm.model.train()
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)
         for _ in range(steps):
-            batch = make_batch(self.enc, next(batches), fm.task)
-            loss = fm.model(**batch).loss
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if dp is not None:  # Poisson batch, per-example clipping, Gaussian noise: sets .grad
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = dp.step()
+            else:
+                batch = make_batch(self.enc, next(batches), fm.task, device)
+                loss = fm.model(**batch).loss
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             hook.on_gradients()
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             self.optimizer.step()
             loss_sum += loss.detach()
-        extras = hook.finish(steps, cfg.lr)
+        cpu = torch.device("cpu")
+        extras = {name: moved(t, cpu) for name, t in hook.finish(steps, cfg.lr).items()}
         with torch.no_grad():
-            delta = OrderedDict((k, p.detach() - broadcast.state[k]) for k, p in fm.params.items())
+            delta = OrderedDict((k, (p.detach() - broadcast.state[k]).to(cpu)) for k, p in fm.params.items())
         return Update(
             client_id=client.cid,
             delta=delta,

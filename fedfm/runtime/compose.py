@@ -2,20 +2,25 @@
 
 Privacy and robustness are folds that wrap or replace the algorithm's own
 fold; this is the one place that decides which, so no algorithm carries a
-special case for them.
+special case for them. Local DP-SGD is client-side: :func:`build_dp_sgd`
+makes the one privatizer the :class:`~fedfm.runtime.client.LocalTrainer` holds.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from fedfm.algorithms.base import Algorithm
+from fedfm.algorithms.base import Algorithm, Broadcast
 from fedfm.algorithms.registry import build_algorithm
 from fedfm.config.schema import RunConfig
+from fedfm.data.encode import steps_for
 from fedfm.errors import FedfmError
 from fedfm.privacy.accountant import PrivacyAccountant, noise_multiplier_for
 from fedfm.privacy.client_dp import with_client_dp
-from fedfm.robustness.aggregators import build_robust_fold, cohort_requirement
+from fedfm.privacy.dp_sgd import LocalDPSGD, SampleLevelAccountant, calibrate_noise_multiplier, default_delta, sampling_rate
+from fedfm.robustness.aggregators import ServerUpdate, build_robust_fold, cohort_requirement
+from fedfm.runtime.client import Client, LocalTrainer
 
 
 @dataclass
@@ -33,6 +38,14 @@ class ServerSide:
             if isinstance(v, (int, float)):
                 out[f"dp_{k}"] = v
         return out
+
+    def robust_record(self) -> dict:
+        """Per-round robustness metrics: FLTrust's trust score of every client folded this round."""
+        fold = self.algorithm.fold
+        trust = getattr(fold, "last_trust", None)
+        if trust is None:
+            return {}
+        return {"fltrust_trust": {str(c): round(float(t), 4) for c, t in zip(fold.client_ids, trust)}}
 
     def privacy_summary(self) -> dict | None:
         """What ``summary.json`` reports under ``privacy`` (None without client-level DP)."""
@@ -56,7 +69,24 @@ class ServerSide:
         return self.accountant.epsilon_after(self.accountant.steps + 1) <= self.target_epsilon
 
 
-def build_server(cfg: RunConfig, num_clients: int) -> ServerSide:
+def root_update(trainer: LocalTrainer, algorithm: Algorithm, root_client: Client) -> ServerUpdate:
+    """FLTrust's server update: the clients' own local training, run on the server's root data.
+
+    ``root_client`` is a pseudo-client whose shard is the root dataset; its
+    update is computed from the round's global state (the fold's) and never
+    travels, so it is not in the byte ledger. Round ``version + 1`` seeds it.
+    """
+
+    def update(global_state, version: int):
+        return trainer.local_update(algorithm, Broadcast(global_state, version), root_client, version + 1).delta
+
+    return update
+
+
+def build_server(
+    cfg: RunConfig, num_clients: int, trainer: LocalTrainer | None = None, root_client: Client | None = None
+) -> ServerSide:
+    """The algorithm with its robust / DP fold; FLTrust also needs ``trainer`` and the server's ``root_client``."""
     algorithm = build_algorithm(cfg.algorithm, num_clients=num_clients)
     dp = cfg.privacy.client_dp
     rb = cfg.robust
@@ -71,6 +101,11 @@ def build_server(cfg: RunConfig, num_clients: int) -> ServerSide:
             raise FedfmError(
                 f"robust.rule={rb.rule} needs {need} clients per round; got n={n}, f={f} (robust.num_byzantine)"
             )
+        server_update = None
+        if rb.rule == "fltrust":
+            if trainer is None or root_client is None:
+                raise FedfmError("robust.rule=fltrust needs the server's root dataset (robust.root_examples)")
+            server_update = root_update(trainer, algorithm, root_client)
         algorithm.fold = build_robust_fold(
             rb.rule,
             algorithm.fold.optimizer,
@@ -78,7 +113,9 @@ def build_server(cfg: RunConfig, num_clients: int) -> ServerSide:
             trim_fraction=rb.trim_fraction,
             multi_krum_m=rb.multi_krum_m,
             norm_bound=rb.norm_bound,
+            server_update=server_update,
         )
+    check_secure_aggregation(cfg)
     if not dp.enabled:
         return ServerSide(algorithm)
     q = cfg.federation.clients_per_round / num_clients
@@ -101,3 +138,79 @@ def build_server(cfg: RunConfig, num_clients: int) -> ServerSide:
         raise FedfmError(f"privacy.client_dp: {err}") from None
     accountant = PrivacyAccountant(sigma, q, delta, kind=dp.accountant)
     return ServerSide(algorithm, accountant, dp.target_epsilon)
+
+
+def check_secure_aggregation(cfg: RunConfig) -> None:
+    """Refuse combinations that secure aggregation cannot serve, in one line each."""
+    sa = cfg.privacy.secure_aggregation
+    if not sa.enabled:
+        return
+    n = cfg.federation.clients_per_round
+    if cfg.robust.rule != "mean":
+        raise FedfmError(
+            f"robust.rule={cfg.robust.rule} needs every update, but secure aggregation shows the server only the sum"
+        )
+    if cfg.algorithm.name == "scaffold":
+        raise FedfmError("secure aggregation supports the FedAvg family (fedavg, fedprox, fedopt variants), not scaffold")
+    if n < 3:
+        raise FedfmError(f"secure aggregation needs at least 3 clients per round (a sum of {n} reveals too much)")
+    k = n - 1 if sa.neighbours is None else min(sa.neighbours, n - 1)
+    if sa.threshold is not None and not (2 * sa.threshold > k + 1 and sa.threshold <= k + 1):
+        raise FedfmError(
+            f"privacy.secure_aggregation.threshold={sa.threshold} must satisfy (k+1)/2 < t <= k+1 "
+            f"for neighbourhoods of k+1={k + 1} clients"
+        )
+    bits = sa.bits if sa.bits is not None else 1
+    if n * (2**bits - 1) > 2**32 - 1:
+        raise FedfmError(f"privacy.secure_aggregation.bits={sa.bits}: a sum of {n} clients overflows 32 bits")
+
+
+def build_dp_sgd(cfg: RunConfig, fm, enc, clients) -> LocalDPSGD | None:
+    """Local sample-level DP-SGD on every client (``privacy.dp_sgd``), or None when it is off.
+
+    Without ``noise_multiplier``, σ is calibrated so that every client ends
+    within ``target_epsilon`` after its *planned* participations
+    ``P = ceil(rounds · clients_per_round / num_clients)`` (the expected number,
+    rounded up) of ``K_i`` local steps each at ``q_i = min(1, B / n_i)``: the
+    client with the most expected steps at the largest ``q`` lands at the
+    target, the others below it. A client sampled more often than planned sits
+    out once its next participation would pass the target (with both
+    ``noise_multiplier`` and ``target_epsilon`` given, that check alone holds
+    the budget); the run stops when no client can train again.
+    """
+    d = cfg.privacy.dp_sgd
+    if not d.enabled:
+        return None
+    tc = cfg.train
+    if tc.max_grad_norm is not None:
+        raise FedfmError(
+            "train.max_grad_norm (batch clipping) cannot be combined with privacy.dp_sgd, "
+            "which clips every example to privacy.dp_sgd.max_grad_norm"
+        )
+    if cfg.robust.rule == "fltrust":
+        raise FedfmError("robust.rule=fltrust cannot be combined with privacy.dp_sgd yet (its root update would run DP-SGD)")
+    sizes = {c.cid: len(c.train_idx) for c in clients}
+    if min(sizes.values(), default=0) < 1:
+        raise FedfmError("privacy.dp_sgd: every client needs at least one training example")
+    steps = {cid: steps_for(n, tc.batch_size, tc.local_steps, tc.local_epochs) for cid, n in sizes.items()}
+    sigma, planned = d.noise_multiplier, None
+    if sigma is None:
+        f = cfg.federation
+        planned = math.ceil(f.rounds * f.clients_per_round / len(sizes) - 1e-9)
+        plans = [
+            (sampling_rate(tc.batch_size, n), d.delta if d.delta is not None else default_delta(n), planned * steps[cid])
+            for cid, n in sizes.items()
+        ]
+        try:
+            sigma = calibrate_noise_multiplier(d.target_epsilon, plans, d.accountant)
+        except ValueError as err:
+            raise FedfmError(f"privacy.dp_sgd: {err}") from None
+    accountant = SampleLevelAccountant(sigma, sizes, tc.batch_size, d.delta, d.accountant)
+    dp = LocalDPSGD(fm, enc, accountant, d.max_grad_norm, d.target_epsilon, steps_per_round=steps)
+    dp.planned_participations = planned
+    if dp.exhausted():
+        raise FedfmError(
+            f"privacy.dp_sgd: target_epsilon={d.target_epsilon} is below the epsilon of one participation "
+            f"of every client (noise_multiplier={sigma:g})"
+        )
+    return dp

@@ -20,6 +20,8 @@ from fedfm.algorithms.base import Algorithm
 from fedfm.robustness.validate import update_problem
 from fedfm.runtime.client import Client, LocalTrainer, derive_seed
 from fedfm.runtime.ledger import ByteLedger
+from fedfm.privacy.secagg_crypto import SecAggAbort
+from fedfm.runtime.secure_round import SecureRound
 from fedfm.runtime.wire import WireError, decode_broadcast, decode_update, encode_broadcast, encode_update
 
 log = logging.getLogger("fedfm")
@@ -43,6 +45,7 @@ class Simulation:
         seed: int,
         initial_state: "OrderedDict[str, torch.Tensor]",
         attack=None,
+        secure=None,
     ) -> None:
         self.trainer = trainer
         self.algorithm = algorithm
@@ -56,6 +59,8 @@ class Simulation:
         # Simulated attackers (fedfm.robustness.attacks.Attack): the same clients every round.
         self.attack = attack if attack is not None and attack.name != "none" else None
         self.malicious = set(attack.malicious(len(self.clients))) if self.attack else set()
+        # Secure aggregation (fedfm.config.schema.SecureAggregationConfig): the fold sees only sums.
+        self.secure = secure if secure is not None and secure.enabled else None
 
     def run_round(self, round_idx: int, on_client: Callable[[int], None] | None = None) -> dict:
         """One synchronous round; returns the round's record (without evaluation)."""
@@ -68,10 +73,21 @@ class Simulation:
         losses, weights, accepted = [], [], 0
         bad = [c for c in cohort if c in self.malicious]
         benign_deltas = []  # kept only for colluding attacks (ALIE, IPM)
+        secure, vanished = None, set()
+        if self.secure is not None:
+            try:
+                secure = self._secure_round(cohort, round_idx)
+            except SecAggAbort as err:
+                return self._aborted(round_idx, cohort, err, t0)
+            vanished = self._vanishing(cohort, round_idx)
         for cid in [c for c in cohort if c not in self.malicious] + bad:  # honest clients first
             client = self.clients[cid]
             self.ledger.record(cid, "down", len(down))
+            if cid in vanished:  # drops out after sharing keys: its masks are recovered
+                continue
             update = self.trainer.local_update(algo, decode_broadcast(down), client, round_idx)
+            if update is None:  # the client sat the round out (its local DP-SGD budget is spent)
+                continue
             if cid in self.malicious:
                 update.delta = self.attack.apply(
                     update.delta,
@@ -82,14 +98,24 @@ class Simulation:
                 )
             elif self.attack is not None and self.attack.colluding:
                 benign_deltas.append(update.delta)
-            up = encode_update(update)
-            self.ledger.record(cid, "up", len(up))
-            if self._receive(up, round_idx):
+            if secure is not None:
+                ok = self._submit_secure(secure, update, round_idx)
+            else:
+                up = encode_update(update)
+                self.ledger.record(cid, "up", len(up))
+                ok = self._receive(up, round_idx)
+            if ok:
                 accepted += 1
                 losses.append(update.metrics["train_loss"])
                 weights.append(update.num_examples)
             if on_client is not None:
                 on_client(cid)
+        secagg_stats = {}
+        if secure is not None:
+            try:
+                secagg_stats = secure.finish()
+            except SecAggAbort as err:
+                return self._aborted(round_idx, cohort, err, t0)
         self.global_state = algo.finish()
         self.version += 1
         record = {
@@ -99,10 +125,61 @@ class Simulation:
             "accepted": accepted,
             "malicious": len(bad),
             "train_loss": float(np.average(losses, weights=weights)) if losses else float("nan"),
+            **secagg_stats,
             **self.ledger.snapshot(),
             "round_s": time.perf_counter() - t0,
         }
         return record
+
+    # -- secure aggregation ------------------------------------------------------
+    def _secure_round(self, cohort: list[int], round_idx: int) -> SecureRound:
+        cfg = self.secure
+        return SecureRound(
+            cohort,
+            self.algorithm.fold,
+            self.global_state,
+            self.ledger,
+            threshold=cfg.threshold,
+            neighbours=cfg.neighbours,
+            bits=cfg.bits,
+            clip_range=cfg.clip_range,
+            max_weight=cfg.max_weight,
+            round_seed=derive_seed(self.seed, round_idx, 0x5EC).to_bytes(8, "little"),
+        )
+
+    def _vanishing(self, cohort: list[int], round_idx: int) -> set[int]:
+        """Clients that drop out after key sharing this round (simulated, reproducible)."""
+        if self.secure.dropout <= 0:
+            return set()
+        rng = np.random.default_rng(derive_seed(self.seed, round_idx, 0xD20))
+        return {c for c in cohort if rng.random() < self.secure.dropout}
+
+    def _submit_secure(self, secure: SecureRound, update, round_idx: int) -> bool:
+        """The client checks its own update, then uploads only its masked summand."""
+        reason = update_problem(update, self.global_state)
+        if reason is None:
+            try:
+                secure.submit(update)
+                return True
+            except ValueError as err:  # e.g. a non-finite norm found while clipping
+                reason = str(err)
+        log.warning("round %d: client %d withheld its update: %s", round_idx, update.client_id, reason)
+        self.rejected.append({"round": round_idx, "client": update.client_id, "reason": f"withheld: {reason}"})
+        return False
+
+    def _aborted(self, round_idx: int, cohort: list[int], err: Exception, t0: float) -> dict:
+        """A secure round that could not finish: nothing is released, the global model stays."""
+        log.warning("round %d: secure aggregation aborted: %s", round_idx, err)
+        return {
+            "round": round_idx,
+            "version": self.version,
+            "cohort": cohort,
+            "accepted": 0,
+            "aborted": str(err),
+            "train_loss": float("nan"),
+            **self.ledger.snapshot(),
+            "round_s": time.perf_counter() - t0,
+        }
 
     def _receive(self, payload: bytes, round_idx: int) -> bool:
         """Decode, validate and fold one update; a bad one is logged and left out."""

@@ -24,10 +24,12 @@ class WireError(ValueError):
 
 
 def _flatten(main_key: str, main: Mapping[str, torch.Tensor], extras: Mapping[str, Mapping[str, torch.Tensor]]):
-    flat = OrderedDict((f"{main_key}/{k}", v.contiguous()) for k, v in main.items())
+    # Bytes are written from CPU memory: a tensor on a GPU is copied to the host here
+    # (explicitly, rather than relying on safetensors doing it); a CPU tensor is not copied.
+    flat = OrderedDict((f"{main_key}/{k}", v.cpu().contiguous()) for k, v in main.items())
     for name, tensors in extras.items():
         for k, v in tensors.items():
-            flat[f"extras/{name}/{k}"] = v.contiguous()
+            flat[f"extras/{name}/{k}"] = v.cpu().contiguous()
     return flat
 
 

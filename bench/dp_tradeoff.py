@@ -1,0 +1,154 @@
+"""Accuracy against the privacy budget epsilon, cross-silo and cross-device.
+
+Two settings, each at epsilon in {1, 4, 8, inf} (inf = no DP at all):
+
+* ``cross-silo``: sample-level DP-SGD on every client (``privacy.dp_sgd``,
+  Abadi et al. 2016) on the 20-client default job; each client's own
+  accountant, the table shows the largest epsilon over clients.
+* ``cross-device``: client-level DP (DP-FedAvg, McMahan et al. 2018,
+  ``privacy.client_dp``) over a population of 1,000 small clients (BBC News
+  split IID, about 1.8 training articles each), large cohorts, server
+  momentum (DP-FedAvgM). Client-level DP needs a large population: the noise on
+  the mean update shrinks with the cohort size.
+
+delta is at most 1/N in both (N = a client's examples for sample-level DP,
+the number of clients for client-level DP). The noise multiplier is calibrated
+by fedfm from ``target_epsilon`` and the planned rounds.
+
+Usage::
+
+    python bench/dp_tradeoff.py --out runs/bench-dp --jobs 4 --threads 4
+    python bench/dp_tradeoff.py --setting cross-device --epsilons 8 inf --set federation.rounds=2   # smoke
+
+Prints and writes ``OUT/dp_tradeoff.md`` and ``OUT/dp_tradeoff.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sweep import run_one
+
+
+@dataclass
+class Job:
+    name: str
+    overrides: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+def final_metric(summary: dict, key: str) -> float | None:
+    value = (summary.get("final") or {}).get(key)
+    return float(value) if value is not None else None
+
+CROSS_SILO: list[str] = []  # the default job, unchanged
+CROSS_SILO_DP = ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.max_grad_norm=1.0"]
+
+CROSS_DEVICE = [
+    "name=cross-device",
+    "federation.num_clients=1000",
+    "federation.clients_per_round=150",
+    "federation.rounds=40",
+    "federation.partition.scheme=iid",
+    "federation.partition.min_examples=1",
+    "data.client_test_fraction=0",
+    "train.local_epochs=1",
+    "train.batch_size=8",
+    "algorithm.name=fedavgm",
+    "algorithm.server_lr=1.0",
+    "algorithm.momentum=0.9",
+    "eval.every=20",
+    "eval.clients=false",
+]
+CROSS_DEVICE_DP = [
+    "privacy.client_dp.enabled=true",
+    "privacy.client_dp.clip_norm=0.5",
+    "privacy.client_dp.delta=1e-4",
+]
+
+
+SETTINGS = {
+    "cross-silo": (CROSS_SILO, CROSS_SILO_DP, "privacy.dp_sgd.target_epsilon"),
+    "cross-device": (CROSS_DEVICE, CROSS_DEVICE_DP, "privacy.client_dp.target_epsilon"),
+    # the same population with plain local SGD instead of AdamW (DP-FedAvg as in McMahan et al.)
+    "cross-device-sgd": (CROSS_DEVICE + ["train.optimizer=sgd", "train.lr=0.3"], CROSS_DEVICE_DP,
+                         "privacy.client_dp.target_epsilon"),
+}
+
+
+def jobs_for(setting: str, epsilons: list[float]) -> list[Job]:
+    base, dp, key = SETTINGS[setting]
+    out = []
+    for eps in epsilons:
+        tag = "inf" if math.isinf(eps) else f"{eps:g}"
+        overrides = list(base) + ([] if math.isinf(eps) else dp + [f"{key}={eps}"])
+        out.append(Job(f"{setting}-eps{tag}", overrides, meta={"setting": setting, "target_epsilon": eps}))
+    return out
+
+
+def spent(summary: dict) -> tuple[float | None, float | None, float | None]:
+    """(epsilon, delta, noise multiplier) actually spent, from either DP mechanism's summary."""
+    p = summary.get("privacy") or {}
+    if "dp_sgd" in p:
+        s = p["dp_sgd"]
+        return s.get("epsilon_max"), s.get("delta"), s.get("noise_multiplier")
+    if "epsilon" in p:
+        return p.get("epsilon"), p.get("delta"), p.get("noise_multiplier")
+    return None, None, None
+
+
+def table(results: dict[str, dict], jobs: list[Job]) -> tuple[str, list[dict]]:
+    rows, lines = [], ["| setting | target ε | ε spent | δ | σ | test accuracy | vs non-private | wall s |", "|---|---|---|---|---|---|---|---|"]
+    ref = {}
+    for job in jobs:
+        if math.isinf(job.meta["target_epsilon"]):
+            ref[job.meta["setting"]] = final_metric(results[job.name], "test_accuracy")
+    for job in jobs:
+        s = results[job.name]
+        acc = final_metric(s, "test_accuracy")
+        eps, delta, sigma = spent(s)
+        base = ref.get(job.meta["setting"])
+        gap = None if acc is None or base is None else 100 * (acc - base)
+        row = {"job": job.name, **job.meta, "epsilon": eps, "delta": delta, "noise_multiplier": sigma,
+               "test_accuracy": acc, "gap_points": gap, "wall_s": s.get("wall_s"), "error": s.get("error")}
+        rows.append(row)
+        f = lambda v, fmt: "—" if v is None else format(v, fmt)  # noqa: E731
+        lines.append(
+            f"| {job.meta['setting']} | {'∞' if math.isinf(job.meta['target_epsilon']) else f(job.meta['target_epsilon'], 'g')} "
+            f"| {f(eps, '.3f')} | {f(delta, '.0e')} | {f(sigma, '.3f')} | "
+            f"{s['error'] if s.get('error') else f(acc, '.3f')} | {f(gap, '+.1f')} | {f(s.get('wall_s'), '.0f')} |"
+        )
+    return "\n".join(lines), rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--setting", nargs="+", choices=list(SETTINGS), default=["cross-silo", "cross-device"])
+    ap.add_argument("--epsilons", nargs="+", type=float, default=[1, 4, 8, math.inf])
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-dp"))
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    args = ap.parse_args()
+    jobs = [j for s in args.setting for j in jobs_for(s, args.epsilons)]
+    extra = list(args.set) + ([f"threads={args.threads}"] if args.threads else [])
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {j.name: pool.submit(run_one, None, j.overrides + extra, args.out / j.name, args.out / f"{j.name}.log")
+                   for j in jobs}
+        results = {}
+        for j in jobs:
+            results[j.name] = futures[j.name].result()
+            print(f"[dp] {j.name}: {results[j.name]['status']} {results[j.name].get('error', '')}", flush=True)
+    md, rows = table(results, jobs)
+    (args.out / "dp_tradeoff.md").write_text(md + "\n")
+    (args.out / "dp_tradeoff.json").write_text(json.dumps(rows, indent=2))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""One round of secure aggregation in the simulation: the server folds only the cohort's sum.
+
+The protocol is :mod:`fedfm.privacy.secagg` (Bonawitz et al. 2017, with the
+SecAgg+ neighbourhoods of Bell et al. 2020). Here it is driven message by
+message as a deployment would: every message is packed to bytes
+(:mod:`fedfm.privacy.secagg_wire`, safetensors), counted in the byte ledger
+in its direction, and unpacked on the other side.
+
+What a client uploads is its fold's *summand* (``ServerFold.summand``), not its
+update: ``(r·Δ, r)`` for the FedAvg family (capped example weights) or
+``(clip_C(Δ), 1, [‖Δ‖ ≤ C])`` under client-level DP. The summand is flattened,
+divided by its public value range (``clip_range`` R, or the clip norm C under DP,
+where it is lossless since every coordinate of a clipped vector is within C),
+quantized to fixed point and masked. The server unmasks only the sum over the
+survivors and hands it to ``ServerFold.absorb_sum``; with client-level DP the
+fold then adds the Gaussian noise, so no unnoised individual update is ever
+visible to it.
+
+Clients that vanish after sharing keys (``dropout``) are recovered from the
+Shamir shares; when fewer than the threshold remain the round aborts with
+:class:`~fedfm.privacy.secagg_crypto.SecAggAbort` and the global model stays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from fedfm.algorithms.base import ServerFold, Update
+from fedfm.privacy.secagg import SecAggClient, SecAggServer, neighbour_graph
+from fedfm.privacy.secagg_quant import Quantizer
+from fedfm.privacy.secagg_wire import pack, unpack
+from fedfm.runtime.ledger import ByteLedger
+
+
+def default_threshold(cohort: list[int], degree: int | None, round_seed: bytes) -> int:
+    """The smallest valid Shamir threshold: a strict majority of the smallest neighbourhood.
+
+    ``2t > k + 1`` keeps a server that lies about survivors from learning both
+    secrets of a client; the smallest such t tolerates the most dropouts
+    (``k + 1 - t`` per neighbourhood of size ``k + 1``).
+    """
+    smallest = min(len(nb) + 1 for nb in neighbour_graph(cohort, degree, round_seed).values())
+    return smallest // 2 + 1
+
+
+def value_range(fold: ServerFold, clip_range: float) -> float:
+    """The public range that summand coordinates are divided by before quantization."""
+    clip_norm = getattr(fold, "clip_norm", None)  # client-level DP: lossless at C
+    return float(clip_norm) if clip_norm is not None else float(clip_range)
+
+
+class SecureRound:
+    """Key set-up for a cohort, then masked summands, then the unmasked sum.
+
+    Args:
+        cohort: client ids of this round (at least 2).
+        fold: the started server fold (provides ``summand`` / ``absorb_sum``).
+        global_state: the round's global state (sets the vector layout).
+        ledger: where every message's bytes are recorded.
+        threshold, neighbours, bits, clip_range, max_weight: see
+            :class:`fedfm.config.schema.SecureAggregationConfig`.
+        round_seed: public per-round seed (fixes the SecAgg+ graph).
+    """
+
+    def __init__(
+        self,
+        cohort: list[int],
+        fold: ServerFold,
+        global_state: Mapping[str, torch.Tensor],
+        ledger: ByteLedger,
+        *,
+        threshold: int | None,
+        neighbours: int | None,
+        bits: int | None,
+        clip_range: float,
+        max_weight: float,
+        round_seed: bytes,
+    ) -> None:
+        self.fold = fold
+        self.ledger = ledger
+        self.max_weight = max_weight
+        self.keys = [k for k, v in global_state.items() if v.is_floating_point()]
+        self.shapes = {k: global_state[k].shape for k in self.keys}
+        self.scale = value_range(fold, clip_range)
+        n_scalars = 2 if getattr(fold, "clip_norm", None) is not None else 1
+        self.dim = sum(math.prod(s) for s in self.shapes.values()) + n_scalars
+        n = len(cohort)
+        degree = None if neighbours is None or neighbours >= n - 1 else neighbours
+        t = threshold if threshold is not None else default_threshold(cohort, degree, round_seed)
+        quantizer = Quantizer.for_clients(n, 1.0) if bits is None else Quantizer(clip=1.0, bits=bits)
+        self.server = SecAggServer(cohort, t, self.dim, degree, quantizer, round_seed)
+        self.threshold = t
+        self.quantizer = quantizer
+        setup = self.server.setup_message()
+        self.clients = {c: SecAggClient(c, self._down(c, setup)) for c in cohort}
+        to = self.server.on_keys([self._up(c, cl.advertise_keys()) for c, cl in self.clients.items()])
+        to = self.server.on_shares([self._up(c, self.clients[c].share_keys(self._down(c, m))) for c, m in to.items()])
+        self._share_msgs = to
+        self._masked: list[dict] = []
+
+    # -- messages -------------------------------------------------------------
+    def _up(self, cid: int, msg: dict) -> dict:
+        payload = pack(msg)
+        self.ledger.record(cid, "up", len(payload))
+        return unpack(payload)
+
+    def _down(self, cid: int, msg: dict) -> dict:
+        payload = pack(msg)
+        self.ledger.record(cid, "down", len(payload))
+        return unpack(payload)
+
+    # -- client side ------------------------------------------------------------
+    def vector(self, update: Update) -> np.ndarray:
+        """The client's flattened, range-scaled summand (float64)."""
+        tensors, scalars = self.fold.summand(update, self.max_weight)
+        parts = [tensors[k].reshape(-1).cpu().numpy() / self.scale for k in self.keys]
+        return np.concatenate(parts + [np.asarray(scalars, dtype=np.float64)])
+
+    def submit(self, update: Update) -> None:
+        """Client ``update.client_id`` masks and uploads its summand."""
+        cid = update.client_id
+        msg = self._down(cid, self._share_msgs[cid])
+        self._masked.append(self._up(cid, self.clients[cid].masked_input(msg, self.vector(update))))
+
+    # -- server side --------------------------------------------------------------
+    def finish(self) -> dict:
+        """Unmask the survivors' sum and hand it to the fold; returns the round's secagg stats."""
+        to = self.server.on_masked(self._masked)
+        msgs = [self._up(c, self.clients[c].unmask(self._down(c, m))) for c, m in to.items()]
+        result = self.server.on_unmask(msgs)
+        flat = result.sum
+        tensors, offset = OrderedDict(), 0
+        for k in self.keys:
+            size = math.prod(self.shapes[k])
+            tensors[k] = torch.from_numpy(flat[offset : offset + size] * self.scale).reshape(self.shapes[k])
+            offset += size
+        self.fold.absorb_sum(tensors, [float(x) for x in flat[offset:]], result.count)
+        return {
+            "secagg_survivors": result.count,
+            "secagg_dropped": len(result.dropped),
+            "secagg_threshold": self.threshold,
+            "secagg_bits": self.quantizer.bits,
+        }
+
+
+__all__ = ["SecureRound", "default_threshold", "value_range"]
