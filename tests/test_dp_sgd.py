@@ -46,16 +46,9 @@ TEXTS = [
 LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 2])
 
 # A plain backward pass through a model that carries (disabled) Opacus hooks warns; harmless here.
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing"), pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, which thrash on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(name="tiny-bert", task="seq_cls", method="lora"):

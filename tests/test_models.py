@@ -29,13 +29,7 @@ from fedfm.models import (
 METHODS = ["lora", "ia3", "prompt", "prefix", "full"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, which thrash on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = ["the match ended in a draw", "shares fell sharply after the results were published today"]
 
 

@@ -97,6 +97,10 @@ class MeanDeltaFold(ServerFold):
         part = self._float_part(update.delta, g, f"client {update.client_id} delta")
         return OrderedDict((k, t.to(torch.float64) * r) for k, t in part.items()), [r]
 
+    def summand_layout(self, clip_range: float) -> tuple[float, int]:
+        """(public value range of the summand's tensors, number of its scalars): ``R`` and ``[r]``."""
+        return float(clip_range), 1
+
     def absorb_sum(self, tensors: "OrderedDict[str, torch.Tensor]", scalars: list[float], count: int) -> None:
         """Take the cohort's securely summed summands in place of ``count`` calls to ``add``."""
         self._require_started()

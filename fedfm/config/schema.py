@@ -126,24 +126,36 @@ class EvalConfig(Section):
     backdoor: bool = False
 
 
-class ClientDPConfig(Section):
-    """Client-level DP (DP-FedAvg, McMahan et al. 2018); adaptive clipping (Andrew et al. 2021)."""
+class GaussianDPConfig(Section):
+    """What both DP mechanisms share: the noise multiplier or the budget it is calibrated to."""
+
+    _name = "DP"  # how the one-line error names the section
 
     enabled: bool = False
-    clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float | None = Field(None, ge=0)  # None: derived from target_epsilon
-    target_epsilon: float | None = Field(None, gt=0)  # budget: training stops before exceeding it
-    delta: float | None = Field(None, gt=0, lt=1)  # None: 1 / num_clients
+    target_epsilon: float | None = Field(None, gt=0)  # the budget (see each section)
+    delta: float | None = Field(None, gt=0, lt=1)  # None: each section's default
     accountant: Literal["rdp", "pld"] = "rdp"
+
+    @model_validator(mode="after")
+    def _noise_source(self):
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(f"{self._name} needs noise_multiplier or target_epsilon")
+        return self
+
+
+class ClientDPConfig(GaussianDPConfig):
+    """Client-level DP (DP-FedAvg, McMahan et al. 2018); adaptive clipping (Andrew et al. 2021).
+
+    ``target_epsilon``: training stops before exceeding it; ``delta`` defaults to 1 / num_clients.
+    """
+
+    _name = "client DP"
+
+    clip_norm: float = Field(1.0, gt=0)
     adaptive: bool = False
     target_quantile: float = Field(0.5, gt=0, lt=1)
     clip_lr: float = Field(0.2, gt=0)
-
-    @model_validator(mode="after")
-    def _noise_source(self) -> "ClientDPConfig":
-        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
-            raise ValueError("client DP needs noise_multiplier or target_epsilon")
-        return self
 
 
 class SecureAggregationConfig(Section):
@@ -165,21 +177,16 @@ class SecureAggregationConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)  # simulated: chance a client vanishes after sharing keys
 
 
-class DPSGDConfig(Section):
-    """Local sample-level DP-SGD on every client (Abadi et al. 2016); each client's (epsilon, delta)."""
+class DPSGDConfig(GaussianDPConfig):
+    """Local sample-level DP-SGD on every client (Abadi et al. 2016); each client's (epsilon, delta).
 
-    enabled: bool = False
+    ``target_epsilon`` is a per-client budget: a client that would pass it sits
+    out; ``delta`` defaults to min(1e-5, 1 / n_i) for client i.
+    """
+
+    _name = "dp_sgd"
+
     max_grad_norm: float = Field(1.0, gt=0)  # C: every example's gradient is clipped to this L2 norm
-    noise_multiplier: float | None = Field(None, ge=0)  # None: derived from target_epsilon
-    target_epsilon: float | None = Field(None, gt=0)  # per-client budget: a client that would pass it sits out
-    delta: float | None = Field(None, gt=0, lt=1)  # None: min(1e-5, 1 / n_i) for client i
-    accountant: Literal["rdp", "pld"] = "rdp"
-
-    @model_validator(mode="after")
-    def _noise_source(self) -> "DPSGDConfig":
-        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
-            raise ValueError("dp_sgd needs noise_multiplier or target_epsilon")
-        return self
 
 
 class PrivacyConfig(Section):

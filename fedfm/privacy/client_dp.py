@@ -228,6 +228,10 @@ class ClientDPFold(MeanDeltaFold):
         within = 1.0 if norm <= self.clip_norm else 0.0
         return OrderedDict((k, t.to(torch.float64)) for k, t in clipped.items()), [1.0, within]
 
+    def summand_layout(self, clip_range: float) -> tuple[float, int]:
+        """Range ``C`` (lossless: every coordinate of a clipped vector is within C) and ``[1, b]``."""
+        return self.clip_norm, 2
+
     def absorb_sum(self, tensors: "OrderedDict[str, torch.Tensor]", scalars: list[float], count: int) -> None:
         """Take the secure sum of the cohort's summands; per-client norms stay unknown (NaN in the stats)."""
         self._require_started()

@@ -48,18 +48,12 @@ def default_threshold(cohort: list[int], degree: int | None, round_seed: bytes) 
     return smallest // 2 + 1
 
 
-def value_range(fold: ServerFold, clip_range: float) -> float:
-    """The public range that summand coordinates are divided by before quantization."""
-    clip_norm = getattr(fold, "clip_norm", None)  # client-level DP: lossless at C
-    return float(clip_norm) if clip_norm is not None else float(clip_range)
-
-
 class SecureRound:
     """Key set-up for a cohort, then masked summands, then the unmasked sum.
 
     Args:
         cohort: client ids of this round (at least 2).
-        fold: the started server fold (provides ``summand`` / ``absorb_sum``).
+        fold: the started server fold (provides ``summand_layout``, ``summand`` and ``absorb_sum``).
         global_state: the round's global state (sets the vector layout).
         ledger: where every message's bytes are recorded.
         threshold, neighbours, bits, clip_range, max_weight: see
@@ -86,8 +80,7 @@ class SecureRound:
         self.max_weight = max_weight
         self.keys = [k for k, v in global_state.items() if v.is_floating_point()]
         self.shapes = {k: global_state[k].shape for k in self.keys}
-        self.scale = value_range(fold, clip_range)
-        n_scalars = 2 if getattr(fold, "clip_norm", None) is not None else 1
+        self.scale, n_scalars = fold.summand_layout(clip_range)
         self.dim = sum(math.prod(s) for s in self.shapes.values()) + n_scalars
         n = len(cohort)
         degree = None if neighbours is None or neighbours >= n - 1 else neighbours
@@ -148,4 +141,4 @@ class SecureRound:
         }
 
 
-__all__ = ["SecureRound", "default_threshold", "value_range"]
+__all__ = ["SecureRound", "default_threshold"]
