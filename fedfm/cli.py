@@ -60,6 +60,23 @@ def show_config(
         raise typer.Exit(code=2)
 
 
+@app.command()
+def export(
+    run_dir: str = typer.Argument(..., help="A finished run folder (config.yaml + final_state.safetensors)."),
+    out: Optional[str] = typer.Argument(None, help="Where to write the Hugging Face folder (default RUN_DIR/export)."),
+) -> None:
+    """Merge a run's trainable state into its base and save a Hugging Face model folder."""
+    from fedfm.errors import FedfmError
+
+    try:
+        from fedfm.models.chain import export_run
+
+        typer.echo(str(export_run(run_dir, out)))
+    except FedfmError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2)
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -251,6 +251,7 @@ def make_summary(cfg: RunConfig, records: list[dict], sim: Simulation, trainable
         "task": cfg.model.task,
         "model": cfg.model.name,
         "method": cfg.model.method,
+        "start_from": cfg.model.start_from,
         "algorithm": cfg.algorithm.name,
         "num_clients": cfg.federation.num_clients,
         "clients_per_round": cfg.federation.clients_per_round,

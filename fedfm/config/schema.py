@@ -47,6 +47,9 @@ class ModelConfig(Section):
     ia3: IA3Config = IA3Config()
     prompt: PromptConfig = PromptConfig()
     init_state: str | None = None  # safetensors trainable state of an earlier run to start from
+    # an earlier run folder to start from: its trainable state (same method and task) or its merged
+    # model as the new frozen base (fedfm.models.chain) -- pre-train -> fine-tune -> prompt-tune chains
+    start_from: str | None = None
 
 
 class DataConfig(Section):

@@ -127,10 +127,14 @@ def build_model(
     ``seed`` fixes every random init made here (a new head, adapter weights,
     soft prompts) so that every process builds the same starting point; the
     global RNG state is restored afterwards. ``cfg.init_state``, when set, is
-    loaded into the trainable state. The model is moved to ``device`` (a
+    loaded into the trainable state; ``cfg.start_from`` (an earlier run) is
+    resolved first by :func:`fedfm.models.chain.resolve_start`. The model is moved to ``device`` (a
     :func:`resolve_device` name or a torch device) once built.
     """
     device = resolve_device(device) if isinstance(device, str) else device
+    from fedfm.models.chain import resolve_start  # chain builds earlier runs' models with this function
+
+    cfg = resolve_start(cfg)  # model.start_from: an earlier run's base and state
     if cfg.task == "seq_cls":
         if num_labels is None or num_labels < 1:
             raise FedfmError(f"task seq_cls needs num_labels >= 1, got {num_labels}")
