@@ -40,6 +40,8 @@ from fedfm.robustness.poison import check_poisoning, prepare_poisoning
 from fedfm.runtime.client import Client, LocalTrainer
 from fedfm.runtime.compose import build_dp_sgd, build_server
 from fedfm.runtime.simulation import Simulation
+from fedfm.eval.personal import evaluate_personalized, personal_summary
+from fedfm.personalization import PersonalTrainer, build_plan, check_personalization
 
 log = logging.getLogger("fedfm")
 
@@ -128,6 +130,11 @@ def build_clients(cfg: RunConfig, ds, holdout=None) -> tuple[np.ndarray, list[Cl
 def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     """Run one federated job and return its summary (also written to summary.json)."""
     cfg = resolve_config(config, overrides)
+    check_personalization(cfg)  # one-line errors for combinations personalization cannot serve
+    if cfg.continual.enabled:  # data arrives in stages: the always-on loop of fedfm.continual
+        from fedfm.continual.loop import run_continual
+
+        return run_continual(cfg, console=console)
     device = resolve_device(cfg.device)  # fails before anything is written when the GPU is absent
     out = run_dir_for(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,23 +165,29 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
 
     dp_sgd = build_dp_sgd(cfg, fm, enc, clients)  # local sample-level DP-SGD (privacy.dp_sgd) or None
     trainer = LocalTrainer(fm, enc, cfg.train, seed=cfg.seed, dp_sgd=dp_sgd)
+    plan = build_plan(cfg.personalization, fm)  # personal tensors that never leave the clients, or None
+    if plan is not None:
+        trainer = PersonalTrainer(trainer, plan)
+    initial_state = get_state(fm.params) if plan is None else plan.shared(get_state(fm.params))  # what travels
     root = holdout[2]  # FLTrust: the server trains on its root data as a pseudo-client
     root_client = Client(cid=len(clients), train_idx=root, test_idx=root[:0]) if len(root) else None
     server = build_server(cfg, num_clients=len(clients), trainer=trainer, root_client=root_client)
     algorithm = server.algorithm
     sim = Simulation(
-        trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, get_state(fm.params), attack=attack,
+        trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, initial_state, attack=attack,
         secure=cfg.privacy.secure_aggregation,
     )
     trainable = sum(p.numel() for p in fm.params.values())
     total = sum(p.numel() for p in fm.model.parameters())
 
     def do_eval(record: dict) -> None:
-        set_state_(fm.params, sim.global_state)
+        set_state_(fm.params, sim.global_state if plan is None else plan.global_model(sim.global_state))
         metrics = evaluate(fm, enc, test_idx, clients, cfg.eval.batch_size, per_client=cfg.eval.clients)
         record.update(metrics)
         if backdoor_rows is not None:
             record["backdoor_success_rate"] = backdoor_success(fm, enc, backdoor_rows, cfg.eval.batch_size)
+        if plan is not None and cfg.eval.clients:  # each client's own model on its local test split
+            record.update(evaluate_personalized(fm, enc, clients, plan, sim.global_state, cfg.eval.batch_size))
 
     from fedfm.progress import RunProgress
 
@@ -213,7 +226,8 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
             progress.round_done(record)
     metrics_log.close()
 
-    set_state_(fm.params, sim.global_state)
+    final_state = sim.global_state if plan is None else plan.global_model(sim.global_state)  # + initial personal
+    set_state_(fm.params, final_state)
     meta = {
         "model": cfg.model.name,
         "task": cfg.model.task,
@@ -222,10 +236,16 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
         "label_names": json.dumps(ds.label_names or []),
         "version": str(sim.version),
     }
-    save_state(sim.global_state, out / "final_state.safetensors", metadata=meta)
+    if plan is not None:
+        meta["personal_tensors_initial"] = json.dumps(list(plan.personal_keys))  # clients keep their own
+    save_state(final_state, out / "final_state.safetensors", metadata=meta)
+    if plan is not None and (personal := plan.personal_states(clients)):
+        save_state(personal, out / "personal_states.safetensors", metadata={"method": plan.method})
     plot_metrics(metrics_log.records, out / "metrics.png", cfg.model.task)
     summary = make_summary(cfg, metrics_log.records, sim, trainable, total, time.perf_counter() - t_start, out)
     summary["device"] = str(device)
+    if plan is not None:
+        summary["personalization"] = personal_summary(plan, clients, metrics_log.records, cfg.model.task)
     if device.type == "cuda":
         summary["device_name"] = torch.cuda.get_device_name(device)
     summary["stop_reason"] = stop_reason

@@ -357,7 +357,7 @@ def test_scaffold_converges_to_the_mean_optimum():
 
 
 def test_registry_builds_every_name():
-    assert set(ALGORITHMS) == {"fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}
+    assert set(ALGORITHMS) == {"fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco"}
     for name in ALGORITHMS:
         algo = build_algorithm(AlgorithmConfig(name=name), num_clients=5)
         assert algo.name == name

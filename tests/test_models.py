@@ -313,7 +313,7 @@ def test_saved_state_loads_back_into_base(tmp_path, name, task, method):
 
 
 def test_missing_model_path_is_a_fedfm_error(tmp_path):
-    msg = "model not found: .* \\(a local Hugging Face folder or one of: minilm, smollm2, tiny-bert, tiny-llama\\)"
+    msg = "model not found: .* \\(a local Hugging Face folder or one of: minilm, smollm2, tiny-bert, tiny-llama, llama-scratch\\)"
     with pytest.raises(FedfmError, match=msg):
         build_model(cfg(str(tmp_path / "nope")), num_labels=3)
     with pytest.raises(FedfmError, match="model not found"):

@@ -9,6 +9,10 @@ as a negative pseudo-gradient and takes one optimizer step per round:
 * :class:`ServerAvgM` — FedAvgM (Hsu, Qi & Brown 2019, "Measuring the Effects
   of Non-Identical Data Distribution for Federated Visual Classification"):
   ``v ← β v + Δ``, ``x ← x + η v``.
+* :class:`ServerNesterov` — DiLoCo's outer optimizer (Douillard et al. 2023,
+  "DiLoCo: Distributed Low-Communication Training of Language Models"):
+  Nesterov momentum on the pseudo-gradient ``-Δ``, ``v ← μ v + Δ``,
+  ``x ← x + η (Δ + μ v)``, i.e. ``torch.optim.SGD(nesterov=True)``.
 * :class:`ServerAdagrad`, :class:`ServerAdam`, :class:`ServerYogi` — FedAdagrad,
   FedAdam, FedYogi exactly as in Algorithm 2 of Reddi et al. 2021, "Adaptive
   Federated Optimization" (ICLR), without bias correction::
@@ -102,6 +106,35 @@ class ServerAvgM(ServerOptimizer):
         v = self._slot(name, delta, v=0.0)["v"]
         v.mul_(self.momentum).add_(delta)
         return v * self.lr
+
+
+class ServerNesterov(ServerOptimizer):
+    """DiLoCo's outer optimizer: Nesterov momentum on the pseudo-gradient ``g = -Δ``.
+
+    Douillard et al. 2023, "DiLoCo: Distributed Low-Communication Training of
+    Language Models" (Algorithm 1): every worker runs ``H`` inner AdamW steps
+    from the global model, the server averages the outer gradients
+    ``θ - θ_i = -Δ`` and applies Nesterov momentum (their defaults:
+    ``η = 0.7``, ``μ = 0.9``). Implemented exactly as
+    ``torch.optim.SGD(lr=η, momentum=μ, dampening=0, nesterov=True)`` stepping
+    on ``grad = -Δ``, rewritten in terms of ``Δ`` (``v = -buf``)::
+
+        v ← μ v + Δ                 (v₀ = 0, so v₁ = Δ: torch's first buf = grad)
+        x ← x + η (Δ + μ v)
+
+    With ``μ = 0`` this is :class:`ServerSGD`.
+    """
+
+    def __init__(self, lr: float = 0.7, momentum: float = 0.9) -> None:
+        super().__init__(lr)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = float(momentum)
+
+    def direction(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        v = self._slot(name, delta, v=0.0)["v"]
+        v.mul_(self.momentum).add_(delta)
+        return (delta + self.momentum * v) * self.lr
 
 
 class _Adaptive(ServerOptimizer):

@@ -3,7 +3,7 @@
 Every algorithm is a client hook plus :class:`~fedfm.algorithms.fedavg.MeanDeltaFold`
 (or its SCAFFOLD extension) composed with a
 :class:`~fedfm.algorithms.fedopt.ServerOptimizer`, so FedAvgM/FedAdam/FedYogi/
-FedAdagrad are FedAvg with another server optimizer, not separate classes.
+FedAdagrad/DiLoCo are FedAvg with another server optimizer, not separate classes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from fedfm.algorithms.fedopt import (
     ServerAdagrad,
     ServerAdam,
     ServerAvgM,
+    ServerNesterov,
     ServerOptimizer,
     ServerSGD,
     ServerYogi,
@@ -24,12 +25,13 @@ from fedfm.algorithms.fedprox import FedProx
 from fedfm.algorithms.scaffold import Scaffold
 from fedfm.errors import FedfmError
 
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco")
 
 # name -> server optimizer factory, for the algorithms that are FedAvg + a server optimizer
 _SERVER_OPTS: dict[str, Callable[..., ServerOptimizer]] = {
     "fedavg": lambda c: ServerSGD(c.server_lr),
     "fedavgm": lambda c: ServerAvgM(c.server_lr, c.momentum),
+    "diloco": lambda c: ServerNesterov(c.server_lr, c.momentum),  # Douillard et al. 2023
     "fedadam": lambda c: ServerAdam(c.server_lr, c.beta1, c.beta2, c.tau),
     "fedyogi": lambda c: ServerYogi(c.server_lr, c.beta1, c.beta2, c.tau),
     "fedadagrad": lambda c: ServerAdagrad(c.server_lr, c.beta1, c.beta2, c.tau),

@@ -38,8 +38,35 @@ class PromptConfig(Section):
     init_text: str | None = None  # prompt tuning only: initialise from this text's embeddings
 
 
+class ScratchConfig(Section):
+    """The shape of ``model.name=llama-scratch``: a random-init Llama-style decoder (pre-training).
+
+    Built from a fixed seed, so every process gets the same initial model without any file.
+    ``tokenizer`` picks the vocabulary: MiniLM's WordPiece (30,522 tokens, lower-cased),
+    SmolLM2's byte-level BPE (49,152 tokens) or raw UTF-8 bytes (ByT5's tokenizer without
+    sentinels: 259 tokens; the output layer is then tiny, the right choice on a CPU).
+    """
+
+    layers: int = Field(4, ge=1)
+    hidden_size: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    kv_heads: int | None = Field(None, ge=1)  # grouped-query attention; None: = heads
+    intermediate_size: int | None = Field(None, ge=1)  # SwiGLU width; None: 4 x hidden_size
+    max_positions: int = Field(2048, ge=8)
+    tie_embeddings: bool = True  # the LM head reuses the input embedding (as in SmolLM2)
+    tokenizer: Literal["minilm", "smollm2", "bytes"] = "minilm"
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ScratchConfig":
+        if self.hidden_size % self.heads:
+            raise ValueError(f"model.scratch.hidden_size={self.hidden_size} is not divisible by heads={self.heads}")
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"model.scratch.heads={self.heads} is not divisible by kv_heads={self.kv_heads}")
+        return self
+
+
 class ModelConfig(Section):
-    name: str = "minilm"  # a packaged alias (minilm, smollm2, tiny-bert, tiny-llama) or a local path
+    name: str = "minilm"  # a packaged alias (minilm, smollm2, tiny-bert, tiny-llama, llama-scratch) or a local path
     task: Task = "seq_cls"
     method: Method = "lora"
     max_length: int = Field(64, ge=8)
@@ -50,10 +77,17 @@ class ModelConfig(Section):
     # an earlier run folder to start from: its trainable state (same method and task) or its merged
     # model as the new frozen base (fedfm.models.chain) -- pre-train -> fine-tune -> prompt-tune chains
     start_from: str | None = None
+    scratch: ScratchConfig = ScratchConfig()  # the shape of name=llama-scratch (ignored otherwise)
+
+    @model_validator(mode="after")
+    def _scratch_only_for_scratch(self) -> "ModelConfig":
+        if self.name != "llama-scratch" and self.scratch != ScratchConfig():
+            raise ValueError(f"model.scratch applies to name=llama-scratch, not name={self.name}")
+        return self
 
 
 class DataConfig(Section):
-    dataset: str = "bbc_news"  # bbc_news | shakespeare | a local .csv/.jsonl/.json/.parquet path
+    dataset: str = "bbc_news"  # bbc_news | shakespeare | a local .csv/.jsonl/.json/.parquet/.txt path or a folder of .txt
     text_column: str = "text"
     label_column: str | None = "label"
     group_column: str | None = None  # for natural partitions, e.g. "role"
@@ -63,6 +97,8 @@ class DataConfig(Section):
     # Shakespeare only: keep roles with at least this many lines, at most this many roles.
     min_lines_per_role: int = Field(8, ge=1)
     max_roles: int | None = Field(None, ge=1)
+    # Plain-text corpora (.txt or a folder of them): one example per paragraph (blank-line separated) or per line.
+    text_unit: Literal["paragraph", "line"] = "paragraph"
 
 
 class PartitionConfig(Section):
@@ -88,15 +124,21 @@ class FederationConfig(Section):
 
 class AlgorithmConfig(Section):
     name: Literal[
-        "fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
+        "fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco"
     ] = "fedavg"
-    server_lr: float = Field(1.0, gt=0)
+    server_lr: float = Field(1.0, gt=0)  # diloco: 0.7 unless set (Douillard et al. 2023)
     weighting: Literal["examples", "uniform"] = "examples"
     mu: float = Field(0.01, ge=0)  # FedProx proximal strength
-    momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM
+    momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM; DiLoCo (Nesterov)
     beta1: float = Field(0.9, ge=0, lt=1)  # FedAdam / FedYogi / FedAdagrad first moment
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)  # adaptivity (epsilon) of FedOpt, Reddi et al. 2021
+
+    @model_validator(mode="after")
+    def _diloco_outer_lr(self) -> "AlgorithmConfig":
+        if self.name == "diloco" and "server_lr" not in self.model_fields_set:
+            object.__setattr__(self, "server_lr", 0.7)  # DiLoCo's outer learning rate
+        return self
 
 
 class TrainConfig(Section):
@@ -233,6 +275,79 @@ class AttackConfig(Section):
     trigger_position: Literal["start", "end", "random"] = "start"  # "end" is cut off past model.max_length
     poison_fraction: float = Field(0.5, gt=0, le=1)  # backdoor: share of an attacker's rows that get the trigger
 
+
+class PersonalizationConfig(Section):
+    """Personalization (fedfm/personalization): every client ends with a model that fits its data.
+
+    ``fedper`` (Arivazhagan et al. 2019) and ``fedrep`` (Collins et al. 2021) keep the ``personal``
+    tensors (default: the task head) on each client, never sent; ``ditto`` (Li et al. 2021) trains
+    the global model as usual plus a private copy pulled toward it with strength ``ditto_lambda``;
+    ``local`` trains every client alone (nothing aggregated), the baseline to beat.
+    """
+
+    method: Literal["none", "fedper", "fedrep", "ditto", "local"] = "none"
+    # trainable-state names (or their dotted prefixes, or fnmatch globs) that stay on the client;
+    # None: the task head (fedper / fedrep). Not used by ditto and local (the whole state is personal).
+    personal: list[str] | None = None
+    head_steps: int = Field(8, ge=1)  # fedrep: steps on the personal part (body frozen) before the body steps
+    ditto_lambda: float = Field(0.1, ge=0)  # ditto: strength of (lambda/2)||v_k - w_global||^2
+
+    @model_validator(mode="after")
+    def _personal_is_used(self) -> "PersonalizationConfig":
+        if self.personal is not None and self.method not in ("fedper", "fedrep"):
+            raise ValueError(f"personalization.personal applies to fedper and fedrep, not method={self.method}")
+        if self.personal is not None and not self.personal:
+            raise ValueError("personalization.personal is empty: name at least one pattern or leave it unset")
+        return self
+
+
+class ReplayConfig(Section):
+    """A bounded local replay buffer per client: reservoir sampling over everything it has seen."""
+
+    enabled: bool = False
+    capacity: int = Field(64, ge=1)  # examples each client keeps (indices; never leave the client)
+
+
+class ContinualRegularizerConfig(Section):
+    """A pull toward the previous stage's global model: L2, or EWC (Kirkpatrick et al. 2017)."""
+
+    name: Literal["none", "l2", "ewc"] = "none"
+    strength: float = Field(1.0, ge=0)  # lambda in (lambda/2) sum_i F_i (theta_i - theta_prev_i)^2 (F = 1 for l2)
+    fisher_examples: int = Field(64, ge=1)  # ewc: examples per client for its diagonal Fisher at a stage's end
+
+
+class ContinualConfig(Section):
+    """Federated continual learning (fedfm.continual): clients' data arrives in stages.
+
+    ``stream=tasks``: stage k reveals the examples whose task (label name, or the
+    group before ':' -- a Shakespeare play -- for unlabelled data) is in ``tasks[k]``;
+    unset: labels in id order, two per task (an odd last label is a task of its own).
+    ``stream=windows``: each client's shard (in dataset order) is cut into
+    ``num_windows`` consecutive windows.
+    """
+
+    enabled: bool = False
+    stream: Literal["tasks", "windows"] = "tasks"
+    tasks: list[list[str]] | None = None
+    num_windows: int = Field(3, ge=2)
+    rounds_per_stage: int | None = Field(None, ge=1)  # None: federation.rounds in every stage
+    replay: ReplayConfig = ReplayConfig()
+    regularizer: ContinualRegularizerConfig = ContinualRegularizerConfig()
+    per_task_adapters: bool = False  # one trainable state per task; the task id picks it at test time
+    adapter_init: Literal["previous", "initial"] = "previous"  # where a new task's state starts
+
+    @model_validator(mode="after")
+    def _disjoint_tasks(self) -> "ContinualConfig":
+        if self.tasks is not None:
+            if not self.tasks or any(not t for t in self.tasks):
+                raise ValueError("continual.tasks needs at least one task, each naming at least one label or group")
+            names = [n for t in self.tasks for n in t]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"continual.tasks: {', '.join(twice)} appear(s) in more than one task")
+        return self
+
+
 class RunConfig(Section):
     name: str = "run"
     seed: int = 0
@@ -251,3 +366,5 @@ class RunConfig(Section):
     privacy: PrivacyConfig = PrivacyConfig()
     robust: RobustConfig = RobustConfig()
     attack: AttackConfig = AttackConfig()
+    personalization: PersonalizationConfig = PersonalizationConfig()
+    continual: ContinualConfig = ContinualConfig()

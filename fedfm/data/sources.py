@@ -10,7 +10,11 @@ optional natural partition key per example). Built-ins:
   "LEAF: A Benchmark for Federated Settings"), where each role is one client.
 
 Anything else must be a local ``.csv``, ``.jsonl``, ``.json`` or ``.parquet``
-file, read with ``datasets.load_dataset`` (no network access).
+file, read with ``datasets.load_dataset`` (no network access), or a plain-text
+corpus: one ``.txt`` file or a folder of them (searched recursively), one
+example per paragraph or per line (``data.text_unit``), each example grouped
+by the file it came from, so ``partition.scheme=natural`` gives every file
+(every author, site or device) its own client.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from fedfm.errors import FedfmError
 
 BUILTINS = ("bbc_news", "shakespeare")
 FILE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TEXT_SUFFIX = ".txt"
 
 
 @dataclass
@@ -297,6 +302,8 @@ def _load_shakespeare(min_speeches: int, max_roles: int | None) -> TextDataset:
 
 def _load_file(cfg: DataConfig, task: str) -> TextDataset:
     path = Path(cfg.dataset).expanduser()
+    if path.is_dir() or path.suffix.lower() == TEXT_SUFFIX:
+        return load_text_files(path, cfg.text_unit)
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         if path.exists():
@@ -305,8 +312,8 @@ def _load_file(cfg: DataConfig, task: str) -> TextDataset:
                 f"(expected one of {', '.join(FILE_FORMATS)})"
             )
         raise FedfmError(
-            f"unknown dataset '{cfg.dataset}': use a built-in ({', '.join(BUILTINS)}) "
-            f"or a local {'/'.join(FILE_FORMATS)} file"
+            f"unknown dataset '{cfg.dataset}': use a built-in ({', '.join(BUILTINS)}), "
+            f"a local {'/'.join(FILE_FORMATS)}/{TEXT_SUFFIX} file or a folder of {TEXT_SUFFIX} files"
         )
     if not path.is_file():
         raise FedfmError(f"data file not found: {path}")
@@ -340,6 +347,47 @@ def _load_file(cfg: DataConfig, task: str) -> TextDataset:
     if cfg.group_column is not None:
         groups = ["" if g is None else str(g) for g in ds[cfg.group_column]]
     return TextDataset(texts, labels, label_names, groups)
+
+
+def split_text(text: str, unit: str) -> list[str]:
+    """The examples in one plain text: its paragraphs (blank-line separated) or its lines.
+
+    Whitespace at both ends of each example is stripped; empty ones are dropped.
+    A paragraph keeps its inner line breaks.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if unit == "line":
+        pieces = text.split("\n")
+    elif unit == "paragraph":
+        pieces = re.split(r"\n[ \t]*\n", text)
+    else:
+        raise FedfmError(f"unknown text unit {unit!r}: expected 'paragraph' or 'line'")
+    return [p.strip() for p in pieces if p.strip()]
+
+
+def load_text_files(path: Path, unit: str = "paragraph") -> TextDataset:
+    """A plain-text corpus: one ``.txt`` file, or every ``.txt`` file under a folder (sorted).
+
+    Each example's group is its file's path relative to the folder (its name
+    for a single file), the natural partition key. Unlabelled.
+    """
+    if path.is_dir():
+        files = sorted(f for f in path.rglob(f"*{TEXT_SUFFIX}") if f.is_file())
+        if not files:
+            raise FedfmError(f"no {TEXT_SUFFIX} files in folder {path}")
+        names = [f.relative_to(path).as_posix() for f in files]
+    elif path.is_file():
+        files, names = [path], [path.name]
+    else:
+        raise FedfmError(f"data file not found: {path}")
+    texts, groups = [], []
+    for f, name in zip(files, names):
+        pieces = split_text(_read_text(f), unit)
+        texts.extend(pieces)
+        groups.extend([name] * len(pieces))
+    if not texts:
+        raise FedfmError(f"no text in {path}: {len(files)} {TEXT_SUFFIX} file(s), all empty")
+    return TextDataset(texts, None, None, groups)
 
 
 def _is_int_like(v: Any) -> bool:

