@@ -34,6 +34,7 @@ from fedfm.eval.backdoor import backdoor_success
 from fedfm.eval.evaluate import evaluate
 from fedfm.eval.report import MetricsLog, plot_metrics, write_json
 from fedfm.models import build_model, resolve_device
+from fedfm.models.chain import base_name
 from fedfm.models.state import get_state, save_state, set_state_, state_nbytes
 from fedfm.robustness.attacks import Attack
 from fedfm.robustness.poison import check_poisoning, prepare_poisoning
@@ -127,6 +128,26 @@ def build_clients(cfg: RunConfig, ds, holdout=None) -> tuple[np.ndarray, list[Cl
     return test_idx, clients, stats
 
 
+def start_run(cfg: RunConfig):
+    """The common start of every run: ``(device, run folder, start time, dataset)``.
+
+    Resolves the device (failing before anything is written when a GPU is
+    absent), writes config.yaml, sets threads and seeds, loads the dataset.
+    """
+    device = resolve_device(cfg.device)
+    out = run_dir_for(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    t_start = time.perf_counter()
+    ds = load_text_dataset(cfg.data, cfg.model.task, seed=cfg.seed)
+    if cfg.model.task == "seq_cls" and ds.labels is None:
+        raise FedfmError(f"task seq_cls needs labels, but dataset {cfg.data.dataset!r} has none")
+    return device, out, t_start, ds
+
+
 def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     """Run one federated job and return its summary (also written to summary.json)."""
     cfg = resolve_config(config, overrides)
@@ -135,18 +156,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
         from fedfm.continual.loop import run_continual
 
         return run_continual(cfg, console=console)
-    device = resolve_device(cfg.device)  # fails before anything is written when the GPU is absent
-    out = run_dir_for(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    t_start = time.perf_counter()
-
-    ds = load_text_dataset(cfg.data, cfg.model.task, seed=cfg.seed)
-    if cfg.model.task == "seq_cls" and ds.labels is None:
-        raise FedfmError(f"task seq_cls needs labels, but dataset {cfg.data.dataset!r} has none")
+    device, out, t_start, ds = start_run(cfg)
     attack = Attack(**cfg.attack.model_dump(), seed=cfg.seed, server_lr=cfg.algorithm.server_lr)  # "none": no attackers
     num_labels = len(ds.label_names) if cfg.model.task == "seq_cls" else None
     eval_backdoor = cfg.eval.backdoor or attack.name == "backdoor"
@@ -229,7 +239,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     final_state = sim.global_state if plan is None else plan.global_model(sim.global_state)  # + initial personal
     set_state_(fm.params, final_state)
     meta = {
-        "model": cfg.model.name,
+        "model": base_name(cfg.model),
         "task": cfg.model.task,
         "method": cfg.model.method,
         "num_labels": str(num_labels or 0),
@@ -269,7 +279,7 @@ def make_summary(cfg: RunConfig, records: list[dict], sim: Simulation, trainable
     summary = {
         "name": cfg.name,
         "task": cfg.model.task,
-        "model": cfg.model.name,
+        "model": base_name(cfg.model),
         "method": cfg.model.method,
         "start_from": cfg.model.start_from,
         "algorithm": cfg.algorithm.name,

@@ -88,7 +88,7 @@ def test_the_same_method_continues_from_the_earlier_trainable_state(chain):
     resolved = resolve_start(ModelConfig(task="causal_lm", method="lora", start_from=str(chain / "finetune")))
     assert resolved.name == str(chain / "pretrain" / "export")
     assert resolved.init_state == str(chain / "finetune" / "final_state.safetensors")
-    assert s["start_from"] == str(chain / "finetune")
+    assert s["start_from"] == str(chain / "finetune") and s["model"] == str(chain / "pretrain" / "export")
 
 
 def test_prompt_tuning_builds_on_a_merged_lora_run_but_cannot_itself_be_merged(chain):

@@ -108,7 +108,7 @@ class ServerAvgM(ServerOptimizer):
         return v * self.lr
 
 
-class ServerNesterov(ServerOptimizer):
+class ServerNesterov(ServerAvgM):
     """DiLoCo's outer optimizer: Nesterov momentum on the pseudo-gradient ``g = -Δ``.
 
     Douillard et al. 2023, "DiLoCo: Distributed Low-Communication Training of
@@ -126,14 +126,10 @@ class ServerNesterov(ServerOptimizer):
     """
 
     def __init__(self, lr: float = 0.7, momentum: float = 0.9) -> None:
-        super().__init__(lr)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.momentum = float(momentum)
+        super().__init__(lr, momentum)
 
     def direction(self, name: str, delta: torch.Tensor) -> torch.Tensor:
-        v = self._slot(name, delta, v=0.0)["v"]
-        v.mul_(self.momentum).add_(delta)
+        v = super().direction(name, delta) / self.lr  # the heavy-ball buffer, updated
         return (delta + self.momentum * v) * self.lr
 
 

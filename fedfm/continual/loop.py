@@ -30,9 +30,8 @@ import time
 from collections import OrderedDict
 
 import torch
-import yaml
 
-from fedfm.config import RunConfig, to_dict
+from fedfm.config import RunConfig
 from fedfm.continual.evaluate import evaluate_tasks, pooled
 from fedfm.continual.metrics import stage_metrics
 from fedfm.continual.regularizers import AnchorRegularizer, RegularizedAlgorithm
@@ -40,10 +39,10 @@ from fedfm.continual.replay import ReservoirBuffer
 from fedfm.continual.report import plot_continual
 from fedfm.continual.stream import StreamPlan, plan_stream
 from fedfm.data.encode import encode
-from fedfm.data.sources import load_text_dataset
 from fedfm.errors import FedfmError
 from fedfm.eval.report import MetricsLog, write_json
-from fedfm.models import build_model, resolve_device
+from fedfm.models import build_model
+from fedfm.models.chain import base_name
 from fedfm.models.state import get_state, save_state, set_state_, state_to_bytes
 from fedfm.runtime.client import Client, LocalTrainer, derive_seed
 from fedfm.runtime.compose import build_server
@@ -107,22 +106,11 @@ def clone(state) -> "OrderedDict[str, torch.Tensor]":
 def run_continual(cfg: RunConfig, console=None) -> dict:
     """Run a federated continual-learning job; returns its summary (also written to summary.json)."""
     from fedfm.progress import RunProgress
-    from fedfm.runner import build_clients, make_summary, run_dir_for, seed_everything, split_holdout
+    from fedfm.runner import build_clients, make_summary, split_holdout, start_run
 
     check_supported(cfg)
     cc = cfg.continual
-    device = resolve_device(cfg.device)
-    out = run_dir_for(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    t_start = time.perf_counter()
-
-    ds = load_text_dataset(cfg.data, cfg.model.task, seed=cfg.seed)
-    if cfg.model.task == "seq_cls" and ds.labels is None:
-        raise FedfmError(f"task seq_cls needs labels, but dataset {cfg.data.dataset!r} has none")
+    device, out, t_start, ds = start_run(cfg)
     num_labels = len(ds.label_names) if cfg.model.task == "seq_cls" else None
     test_idx, clients, stats = build_clients(cfg, ds, split_holdout(cfg, ds))
     plan = plan_stream(cc, ds, [c.train_idx for c in clients], test_idx)
@@ -212,7 +200,7 @@ def run_continual(cfg: RunConfig, console=None) -> dict:
 
     set_state_(fm.params, sim.global_state)
     meta = {
-        "model": cfg.model.name,
+        "model": base_name(cfg.model),
         "task": cfg.model.task,
         "method": cfg.model.method,
         "num_labels": str(num_labels or 0),

@@ -97,6 +97,11 @@ def resolve_start(cfg: ModelConfig, _depth: int = 0) -> ModelConfig:
     return cfg.model_copy(update={"name": str(folder), "start_from": None})
 
 
+def base_name(cfg: ModelConfig) -> str:
+    """The base model a config really builds on (the earlier run's base or export with ``start_from``)."""
+    return resolve_start(cfg).name
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the earlier run's final model as a Hugging Face folder (default ``RUN_DIR/export``).
 
