@@ -3,11 +3,14 @@
 __version__ = "0.1.0"
 
 
-def run(config=None, overrides=()):
-    """Run one federated job. ``config``: a RunConfig, a dict, a YAML path or None (the default job)."""
+def run(config=None, overrides=(), resume=None):
+    """Run one federated job. ``config``: a RunConfig, a dict, a YAML path or None (the default job).
+
+    ``resume=RUN_DIR``: continue a killed run from its latest checkpoint (with its own config).
+    """
     from fedfm.runner import run as _run
 
-    return _run(config, overrides)
+    return _run(config, overrides, resume=resume)
 
 
 __all__ = ["run", "__version__"]

@@ -19,6 +19,9 @@ def run(
         None, help="An optional CONFIG.yaml, then key=value overrides (e.g. federation.rounds=5 out=runs/x)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress display."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="RUN_DIR", help="Continue a killed run from its latest checkpoint (its own config)."
+    ),
 ) -> None:
     """Run a federated job (the embedded default job when no config is given)."""
     from fedfm.errors import FedfmError
@@ -32,7 +35,7 @@ def run(
     try:
         from fedfm.runner import run as run_job
 
-        run_job(config, args)
+        run_job(config, args, resume=resume)
     except FedfmError as err:
         err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2)

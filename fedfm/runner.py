@@ -39,10 +39,13 @@ from fedfm.models.state import get_state, save_state, set_state_, state_nbytes
 from fedfm.robustness.attacks import Attack
 from fedfm.robustness.poison import check_poisoning, prepare_poisoning
 from fedfm.runtime.client import Client, LocalTrainer
+from fedfm.runtime import checkpoint
 from fedfm.runtime.compose import build_dp_sgd, build_server
 from fedfm.runtime.simulation import Simulation
 from fedfm.eval.personal import evaluate_personalized, personal_summary
 from fedfm.personalization import PersonalTrainer, build_plan, check_personalization
+from fedfm.compression import check_compression, make_compressor
+from fedfm.compression.report import compression_summary
 
 log = logging.getLogger("fedfm")
 
@@ -148,10 +151,17 @@ def start_run(cfg: RunConfig):
     return device, out, t_start, ds
 
 
-def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
-    """Run one federated job and return its summary (also written to summary.json)."""
-    cfg = resolve_config(config, overrides)
+def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -> dict:
+    """Run one federated job and return its summary (also written to summary.json).
+
+    ``resume=RUN_DIR`` continues a killed run from its latest checkpoint, with
+    the run's own config.yaml (fedfm.runtime.checkpoint).
+    """
+    cfg = resolve_config(config, overrides) if resume is None else checkpoint.resume_config(resume, config, overrides)
+    if resume is not None and cfg.continual.enabled:
+        raise FedfmError("--resume does not support continual runs yet (continual.enabled=true)")
     check_personalization(cfg)  # one-line errors for combinations personalization cannot serve
+    check_compression(cfg)  # e.g. upload codecs with secure aggregation
     if cfg.continual.enabled:  # data arrives in stages: the always-on loop of fedfm.continual
         from fedfm.continual.loop import run_continual
 
@@ -185,7 +195,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
     algorithm = server.algorithm
     sim = Simulation(
         trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, initial_state, attack=attack,
-        secure=cfg.privacy.secure_aggregation,
+        secure=cfg.privacy.secure_aggregation, compressor=make_compressor(cfg),
     )
     trainable = sum(p.numel() for p in fm.params.values())
     total = sum(p.numel() for p in fm.model.parameters())
@@ -201,18 +211,29 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
 
     from fedfm.progress import RunProgress
 
+    ckpt = checkpoint.Checkpointer(out, cfg.checkpoint.every, cfg.checkpoint.keep)
+    start_round, kept = 1, None
+    if resume is not None and (last_ckpt := checkpoint.latest(out)) is not None:
+        ckpt_meta, ckpt_tensors = checkpoint.load(last_ckpt)
+        kept = checkpoint.kept_metrics(out, ckpt_meta["metrics_lines"])
+        checkpoint.restore(ckpt_meta, ckpt_tensors, sim, server, clients, dp_sgd)
+        start_round = ckpt_meta["round"] + 1
+    elif resume is not None and cfg.checkpoint.every == 0:
+        raise FedfmError(f"cannot resume {out}: it ran with checkpoint.every=0 (no checkpoints)")
     metrics_log = MetricsLog(out / "metrics.jsonl")
+    for kept_record in kept or ():  # metrics.jsonl truncated to the checkpoint's round
+        metrics_log.write(kept_record)
     stop_reason = None
     rounds = cfg.federation.rounds
     with RunProgress(cfg, console=console, enabled=cfg.progress) as progress:
         progress.header(cfg, len(ds.texts), len(test_idx), stats, trainable, total)
-        if cfg.eval.every > 0:
+        if cfg.eval.every > 0 and kept is None:
             record = {"round": 0, "version": 0, **sim.ledger.snapshot()}
             do_eval(record)
             record["wall_s"] = time.perf_counter() - t_start
             metrics_log.write(record)
             progress.round_done(record)
-        for rnd in range(1, rounds + 1):
+        for rnd in range(start_round, rounds + 1):
             if not server.budget_allows_next_round():
                 stop_reason = f"privacy budget: round {rnd} would exceed epsilon={server.target_epsilon}"
                 progress.print(f"  stopped before round {rnd}: {stop_reason}")
@@ -233,6 +254,8 @@ def run(config=None, overrides: Iterable[str] = (), console=None) -> dict:
                 do_eval(record)
             record["wall_s"] = time.perf_counter() - t_start
             metrics_log.write(record)
+            if ckpt.due(rnd):  # numbered global version + server, client, privacy and RNG state
+                ckpt.save(rnd, sim, server, clients, len(metrics_log.records), dp_sgd)
             progress.round_done(record)
     metrics_log.close()
 
@@ -296,6 +319,8 @@ def make_summary(cfg: RunConfig, records: list[dict], sim: Simulation, trainable
         "trainable_params": trainable,
         "total_params": total,
         "trainable_state_bytes": state_nbytes(sim.global_state),
+        # upload bytes and compression factors vs the full float32 model and the trainable state
+        "compression": compression_summary(cfg, sim, total, state_nbytes(sim.global_state)),
         "rejected_updates": len(sim.rejected),
         "attack": cfg.attack.name,
         "malicious_clients": sorted(sim.malicious),

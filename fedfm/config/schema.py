@@ -348,6 +348,45 @@ class ContinualConfig(Section):
         return self
 
 
+class CheckpointConfig(Section):
+    """Numbered global-model checkpoints for ``fedfm run --resume RUN_DIR`` (fedfm.runtime.checkpoint).
+
+    Written atomically to RUN_DIR/checkpoints/ after every ``every``-th round
+    (0: never, and the run cannot be resumed); the last ``keep`` are kept.
+    """
+
+    every: int = Field(1, ge=0)
+    keep: int = Field(1, ge=1)
+
+
+class CompressionConfig(Section):
+    """Codec chains on the wire (fedfm.compression): ``upload`` for client updates, ``download`` for broadcasts.
+
+    Upload codecs: ``topk`` (first, if used), then at most one of ``fp16``, ``bf16``, ``int8``,
+    ``int4`` (unbiased stochastic rounding); download: ``fp16`` or ``bf16`` only (lossless
+    enough for every client to start from the same state). ``error_feedback`` keeps each
+    client's coding error in its private state and adds it to its next upload (Stich et al. 2018).
+    """
+
+    upload: list[Literal["topk", "fp16", "bf16", "int8", "int4"]] = []
+    download: list[Literal["fp16", "bf16"]] = []
+    topk_fraction: float = Field(0.1, gt=0, le=1)  # share of each tensor's entries kept by topk
+    chunk_size: int | None = Field(None, ge=1)  # int8/int4: one scale per chunk of values; None: per tensor
+    error_feedback: bool = False
+
+    @model_validator(mode="after")
+    def _valid_chains(self) -> "CompressionConfig":
+        if "topk" in self.upload[1:]:
+            raise ValueError("compression.upload: topk must come first in the chain")
+        for where, chain in (("upload", self.upload), ("download", self.download)):
+            values = [c for c in chain if c != "topk"]
+            if len(values) > 1:
+                raise ValueError(f"compression.{where}: at most one of fp16, bf16, int8, int4 per chain, got {values}")
+        if self.error_feedback and not self.upload:
+            raise ValueError("compression.error_feedback needs an upload codec chain (compression.upload)")
+        return self
+
+
 class RunConfig(Section):
     name: str = "run"
     seed: int = 0
@@ -368,3 +407,5 @@ class RunConfig(Section):
     attack: AttackConfig = AttackConfig()
     personalization: PersonalizationConfig = PersonalizationConfig()
     continual: ContinualConfig = ContinualConfig()
+    compression: CompressionConfig = CompressionConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedfm.algorithms.base import Algorithm
+from fedfm.compression.codecs import CodecError
 from fedfm.robustness.validate import update_problem
 from fedfm.runtime.client import Client, LocalTrainer, derive_seed
 from fedfm.runtime.ledger import ByteLedger
@@ -46,6 +47,7 @@ class Simulation:
         initial_state: "OrderedDict[str, torch.Tensor]",
         attack=None,
         secure=None,
+        compressor=None,
     ) -> None:
         self.trainer = trainer
         self.algorithm = algorithm
@@ -54,7 +56,10 @@ class Simulation:
         self.seed = seed
         self.global_state = OrderedDict((k, v.detach().clone()) for k, v in initial_state.items())
         self.version = 0
-        self.ledger = ByteLedger()
+        # Codecs on the wire (fedfm.compression.Compressor) or None: the plain wire format.
+        self.compressor = compressor
+        self.ledger = ByteLedger(report_raw=compressor is not None)
+        self.uploads = 0  # update payloads sent (the compression factor's denominator counts them)
         self.rejected: list[dict] = []
         # Simulated attackers (fedfm.robustness.attacks.Attack): the same clients every round.
         self.attack = attack if attack is not None and attack.name != "none" else None
@@ -69,7 +74,7 @@ class Simulation:
         cohort = sample_cohort(len(self.clients), self.clients_per_round, self.seed, round_idx)
         algo = self.algorithm
         algo.start(self.global_state, self.version)
-        down = encode_broadcast(algo.broadcast(self.global_state, self.version))
+        down, down_raw = self._encode_down(algo.broadcast(self.global_state, self.version))
         losses, weights, accepted = [], [], 0
         bad = [c for c in cohort if c in self.malicious]
         benign_deltas = []  # kept only for colluding attacks (ALIE, IPM)
@@ -82,10 +87,10 @@ class Simulation:
             vanished = self._vanishing(cohort, round_idx)
         for cid in [c for c in cohort if c not in self.malicious] + bad:  # honest clients first
             client = self.clients[cid]
-            self.ledger.record(cid, "down", len(down))
+            self.ledger.record(cid, "down", len(down), raw=down_raw)
             if cid in vanished:  # drops out after sharing keys: its masks are recovered
                 continue
-            update = self.trainer.local_update(algo, decode_broadcast(down), client, round_idx)
+            update = self.trainer.local_update(algo, self._decode_down(down), client, round_idx)
             if update is None:  # the client sat the round out (its local DP-SGD budget is spent)
                 continue
             if cid in self.malicious:
@@ -100,9 +105,11 @@ class Simulation:
                 benign_deltas.append(update.delta)
             if secure is not None:
                 ok = self._submit_secure(secure, update, round_idx)
+                self.uploads += int(ok)
             else:
-                up = encode_update(update)
-                self.ledger.record(cid, "up", len(up))
+                up, up_raw = self._encode_up(update, client, round_idx)
+                self.ledger.record(cid, "up", len(up), raw=up_raw)
+                self.uploads += 1
                 ok = self._receive(up, round_idx)
             if ok:
                 accepted += 1
@@ -181,11 +188,34 @@ class Simulation:
             "round_s": time.perf_counter() - t0,
         }
 
+    # -- the wire, with or without codecs (fedfm.compression) --------------------------
+    def _codes_up(self) -> bool:
+        return self.compressor is not None and self.compressor.codes_upload
+
+    def _encode_up(self, update, client: Client, round_idx: int) -> tuple[bytes, int | None]:
+        """(payload, its uncoded length or None when it is not coded); EF state stays in client.state."""
+        if not self._codes_up():
+            return encode_update(update), None
+        return self.compressor.encode_update(update, client.state, round_idx)
+
+    def _encode_down(self, broadcast) -> tuple[bytes, int | None]:
+        if self.compressor is None or not self.compressor.down.codecs:
+            return encode_broadcast(broadcast), None
+        return self.compressor.encode_broadcast(broadcast)
+
+    def _decode_down(self, payload: bytes):
+        if self.compressor is None or not self.compressor.down.codecs:
+            return decode_broadcast(payload)
+        return self.compressor.decode_broadcast(payload)
+
     def _receive(self, payload: bytes, round_idx: int) -> bool:
         """Decode, validate and fold one update; a bad one is logged and left out."""
         try:
-            update = decode_update(payload)
-        except WireError as err:
+            if self._codes_up():  # decoded to a dense update before validation and folding
+                update = self.compressor.decode_update(payload, self.global_state)
+            else:
+                update = decode_update(payload)
+        except (WireError, CodecError) as err:
             reason, cid = str(err), -1
         else:
             cid = update.client_id

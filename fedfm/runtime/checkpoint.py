@@ -1,0 +1,384 @@
+"""Numbered global-model checkpoints, written atomically, and resuming a killed run.
+
+After every ``checkpoint.every``-th round the runner writes version ``v`` of
+the global model together with everything the next round depends on:
+
+* ``RUN_DIR/checkpoints/v{v:06d}.safetensors`` — every tensor: the global
+  trainable state, the server optimizer's moments (FedAvgM/FedAdam/FedYogi …
+  ``ServerOptimizer.state``), SCAFFOLD's server control variate ``c``, each
+  client's private persistent tensors (``Client.state``: SCAFFOLD's ``c_i``,
+  personal tensors of personalization) and the torch / numpy RNG states;
+* ``RUN_DIR/checkpoints/v{v:06d}.json`` — everything else, as JSON: round,
+  version, the key order of every tensor group, the client-level DP fold
+  (noise-stream index, adaptive clip norm) and accountant, the DP-SGD
+  per-client accountants, the byte ledger, rejected updates, the number of
+  ``metrics.jsonl`` lines written, python's RNG state, and the SHA-256 of
+  the tensor file.
+
+No pickle anywhere. Each file is written under a temporary name, flushed to
+disk and moved into place with :func:`os.replace` (atomic on POSIX and
+Windows), tensors first and the JSON last: the JSON is the commit record, so
+a kill at any instant leaves either the previous checkpoint or the new one,
+never a partial one that would be loaded (an orphan tensor file without its
+JSON is ignored and cleaned up by the next write). Loading checks the hash.
+
+Resuming (``fedfm run --resume RUN_DIR``) rebuilds the run from its own
+``config.yaml`` exactly as a fresh run does (same seed → same data split,
+model initialisation and tokenization), then restores the latest checkpoint
+over it and continues with the next round. Client sampling, local-training
+seeds and DP noise are all derived from ``(seed, round, client)``, and the
+restored tensors are bit-exact, so on CPU the resumed run ends with the same
+final model, bit for bit, as an uninterrupted one. This is the same recipe
+as checkpointing in centralized training (model + optimizer + RNG state),
+applied to the server *and* to the clients' private state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fedfm.errors import FedfmError
+
+FORMAT = 1
+CKPT_DIR = "checkpoints"
+LEDGER_TOTALS = ("total", "raw_total")  # cumulative byte counts (raw: before codecs)
+
+
+def checkpoint_dir(run_dir) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+def _name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+# -- atomic files ---------------------------------------------------------------
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync the result, then ``os.replace`` it onto ``path``.
+
+    A crash before the replace leaves ``path`` untouched (old content or
+    absent) plus a stray ``*.tmp`` file; after it, ``path`` is complete.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable (best effort: not every platform can fsync a folder)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- tensor groups: ordered name -> tensor maps stored under a prefix ------------
+def _put(tensors: dict, meta_orders: dict, group: str, state: Mapping[str, torch.Tensor]) -> None:
+    meta_orders[group] = list(state.keys())
+    for k, t in state.items():
+        tensors[f"{group}/{k}"] = t.detach().to("cpu").contiguous().clone()
+
+
+def _get(tensors: Mapping[str, torch.Tensor], orders: dict, group: str) -> "OrderedDict[str, torch.Tensor]":
+    try:
+        return OrderedDict((k, tensors[f"{group}/{k}"]) for k in orders[group])
+    except KeyError as err:
+        raise FedfmError(f"checkpoint is missing tensor group {group!r} ({err})") from None
+
+
+# -- what a run's state consists of ---------------------------------------------
+def _rng_state(tensors: dict) -> dict:
+    tensors["rng/torch"] = torch.get_rng_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    return {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    n = meta["numpy"]
+    keys = tensors["rng/numpy"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = meta["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def _client_states(clients, tensors: dict, orders: dict) -> dict:
+    """Every client's private persistent state: tensors, maps of tensors, or JSON scalars."""
+    out = {}
+    for c in clients:
+        if not c.state:
+            continue
+        entry = {}
+        for key, value in c.state.items():
+            group = f"client/{c.cid}/{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[group] = value.detach().to("cpu").contiguous().clone()
+                entry[key] = {"tensor": True}
+            elif isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values()):
+                _put(tensors, orders, group, value)
+                entry[key] = {"map": True}
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                entry[key] = {"value": value}
+            else:
+                raise FedfmError(
+                    f"cannot checkpoint client {c.cid}'s state {key!r} ({type(value).__name__}); "
+                    "set checkpoint.every=0 to run without checkpoints"
+                )
+        out[str(c.cid)] = entry
+    return out
+
+
+def _restore_clients(clients, meta: dict, tensors, orders) -> None:
+    by_id = {c.cid: c for c in clients}
+    for c in clients:
+        c.state.clear()
+    for cid, entry in meta.items():
+        client = by_id.get(int(cid))
+        if client is None:
+            raise FedfmError(f"checkpoint holds state for client {cid}, which this run does not have")
+        for key, how in entry.items():
+            group = f"client/{cid}/{key}"
+            if "tensor" in how:
+                client.state[key] = tensors[group]
+            elif "map" in how:
+                client.state[key] = _get(tensors, orders, group)
+            else:
+                client.state[key] = how["value"]
+
+
+def _server_state(algorithm, tensors: dict, orders: dict) -> dict:
+    """The fold's cross-round state: optimizer moments, SCAFFOLD's c, the DP fold's counters."""
+    fold = algorithm.fold
+    meta: dict = {"fold": type(fold).__name__}
+    opt = getattr(fold, "optimizer", None)
+    if opt is not None:
+        meta["optimizer"] = {"type": type(opt).__name__, "names": list(opt.state.keys()), "slots": {}}
+        for name, slot in opt.state.items():
+            meta["optimizer"]["slots"][name] = list(slot.keys())
+            for s, t in slot.items():
+                tensors[f"server_opt/{s}/{name}"] = t.detach().to("cpu").contiguous().clone()
+    control = getattr(fold, "control", None)
+    if control is not None:
+        _put(tensors, orders, "scaffold_c", control)
+    if hasattr(fold, "state_dict"):
+        meta["state"] = fold.state_dict()
+    return meta
+
+
+def _restore_server(algorithm, meta: dict, tensors, orders) -> None:
+    fold = algorithm.fold
+    if meta["fold"] != type(fold).__name__:
+        raise FedfmError(f"checkpoint was written by a {meta['fold']} fold, this run builds a {type(fold).__name__}")
+    if "optimizer" in meta:
+        opt = fold.optimizer
+        opt.state.clear()
+        for name in meta["optimizer"]["names"]:
+            opt.state[name] = {s: tensors[f"server_opt/{s}/{name}"] for s in meta["optimizer"]["slots"][name]}
+    if "scaffold_c" in orders:
+        fold.control = _get(tensors, orders, "scaffold_c")
+    if "state" in meta:
+        fold.load_state_dict(meta["state"])
+
+
+# -- the checkpointer -----------------------------------------------------------
+class Checkpointer:
+    """Writes the latest ``keep`` checkpoints of a run every ``every`` rounds (0: never)."""
+
+    def __init__(self, run_dir, every: int = 1, keep: int = 1) -> None:
+        self.dir = checkpoint_dir(run_dir)
+        self.every = int(every)
+        self.keep = int(keep)
+
+    def due(self, round_idx: int) -> bool:
+        return self.every > 0 and round_idx % self.every == 0
+
+    def save(self, round_idx: int, sim, server, clients, metrics_lines: int, dp_sgd=None) -> Path:
+        """Write checkpoint ``v{sim.version}`` atomically; returns its JSON path."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        orders: dict[str, list[str]] = {}
+        _put(tensors, orders, "global", sim.global_state)
+        meta = {
+            "format": FORMAT,
+            "round": int(round_idx),
+            "version": int(sim.version),
+            "metrics_lines": int(metrics_lines),
+            "server": _server_state(sim.algorithm, tensors, orders),
+            "clients": _client_states(clients, tensors, orders),
+            "ledger": {
+                **{key: dict(getattr(sim.ledger, key)) for key in LEDGER_TOTALS if hasattr(sim.ledger, key)},
+                "per_client": {str(c): dict(v) for c, v in sim.ledger.per_client.items()},
+            },
+            "uploads": getattr(sim, "uploads", None),  # update payloads sent (compression factor)
+            "rejected": list(sim.rejected),
+            "accountant": None if server.accountant is None else server.accountant.state_dict(),
+            "dp_sgd": None
+            if dp_sgd is None
+            else {"accountant": dp_sgd.accountant.state_dict(), "skipped_total": int(dp_sgd.skipped_total)},
+        }
+        meta["rng"] = _rng_state(tensors)
+        meta["orders"] = orders
+        name = _name(sim.version)
+        st_path = self.dir / f"{name}.safetensors"
+        atomic_write(st_path, lambda tmp: save_file(tensors, str(tmp)))
+        meta["tensors_file"] = st_path.name
+        meta["tensors_sha256"] = _sha256(st_path)
+        json_path = self.dir / f"{name}.json"
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, default=float)))
+        self._prune()
+        return json_path
+
+    def _prune(self) -> None:
+        committed = sorted(self.dir.glob("v*.json"))
+        for old in committed[: max(0, len(committed) - self.keep)]:
+            old.unlink()
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+        live = {p.stem for p in self.dir.glob("v*.json")}
+        for orphan in self.dir.glob("v*.safetensors"):  # a tensor file whose JSON never landed
+            if orphan.stem not in live:
+                orphan.unlink()
+
+
+def latest(run_dir) -> Path | None:
+    """The JSON of the newest committed checkpoint, or None when none was written yet."""
+    d = checkpoint_dir(run_dir)
+    found = sorted(d.glob("v*.json")) if d.is_dir() else []
+    return found[-1] if found else None
+
+
+def load(json_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify one checkpoint: ``(meta, tensors)``; a damaged one is a one-line error."""
+    try:
+        meta = json.loads(Path(json_path).read_text())
+        st_path = Path(json_path).with_name(meta["tensors_file"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FedfmError(f"corrupt checkpoint {json_path}: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise FedfmError(f"checkpoint {json_path} has format {meta.get('format')!r}, this fedfm reads {FORMAT}")
+    if not st_path.is_file():
+        raise FedfmError(f"checkpoint {json_path} is missing its tensor file {st_path.name}")
+    if _sha256(st_path) != meta.get("tensors_sha256"):
+        raise FedfmError(f"corrupt checkpoint {st_path}: its SHA-256 does not match {Path(json_path).name}")
+    try:
+        tensors = load_file(str(st_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FedfmError(f"corrupt checkpoint {st_path}: {err}") from None
+    return meta, tensors
+
+
+def restore(meta: dict, tensors, sim, server, clients, dp_sgd=None) -> None:
+    """Put a loaded checkpoint back into a freshly built run (same config, same seed)."""
+    orders = meta["orders"]
+    sim.global_state = _get(tensors, orders, "global")
+    sim.version = int(meta["version"])
+    _restore_server(sim.algorithm, meta["server"], tensors, orders)
+    _restore_clients(clients, meta["clients"], tensors, orders)
+    for key in LEDGER_TOTALS:
+        if key in meta["ledger"]:
+            setattr(sim.ledger, key, {k: int(v) for k, v in meta["ledger"][key].items()})
+    if meta.get("uploads") is not None:
+        sim.uploads = int(meta["uploads"])
+    sim.ledger.per_client.clear()
+    for c, v in meta["ledger"]["per_client"].items():
+        sim.ledger.per_client[int(c)] = {k: int(n) for k, n in v.items()}
+    sim.rejected = list(meta["rejected"])
+    if (meta["accountant"] is None) != (server.accountant is None):
+        raise FedfmError("checkpoint and config disagree on privacy.client_dp")
+    if server.accountant is not None:
+        server.accountant.load_state_dict(meta["accountant"])
+    if (meta["dp_sgd"] is None) != (dp_sgd is None):
+        raise FedfmError("checkpoint and config disagree on privacy.dp_sgd")
+    if dp_sgd is not None:
+        dp_sgd.accountant.load_state_dict(meta["dp_sgd"]["accountant"])
+        dp_sgd.skipped_total = int(meta["dp_sgd"]["skipped_total"])
+    _set_rng_state(tensors, meta["rng"])
+
+
+def kept_metrics(run_dir, lines: int) -> list[dict]:
+    """The first ``lines`` records of ``metrics.jsonl`` (those the checkpoint had written)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = path.read_text().splitlines() if path.is_file() else []
+    if len(rows) < lines:
+        raise FedfmError(f"{path} has {len(rows)} records but the checkpoint needs {lines}; cannot resume")
+    return [json.loads(r) for r in rows[:lines]]
+
+
+# -- which config a resumed run uses --------------------------------------------
+IGNORED = ("progress", "out")  # may differ between the killed run and the resume
+
+
+def resume_config(run_dir, config=None, overrides=()):
+    """The run's own ``config.yaml`` (with ``out = run_dir``); a different config given is refused."""
+    from fedfm.config import to_dict, validate
+    from fedfm.runner import resolve_config
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FedfmError(f"cannot resume {run_dir}: no config.yaml there (not a run folder)")
+    if (run_dir / "summary.json").is_file():
+        raise FedfmError(f"{run_dir} already finished (summary.json exists); nothing to resume")
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise FedfmError(f"cannot resume {run_dir}: config.yaml is not valid YAML ({err})") from None
+    saved_cfg = validate(saved)
+    overrides = list(overrides)
+    progress = [o for o in overrides if o.split("=", 1)[0].strip() == "progress"]
+    others = [o for o in overrides if o not in progress]
+    if config is not None or others:
+        given = to_dict(resolve_config(config, others))
+        mine = to_dict(saved_cfg)
+        diff = sorted(_diff(mine, given))
+        diff = [k for k in diff if k not in IGNORED]
+        if diff:
+            shown = ", ".join(diff[:5]) + (" …" if len(diff) > 5 else "")
+            raise FedfmError(
+                f"--resume uses {path}; the config given differs in {shown} (pass no config to resume)"
+            )
+    data = to_dict(saved_cfg)
+    data["out"] = str(run_dir)
+    from fedfm.config.load import apply_overrides
+
+    return validate(apply_overrides(data, progress))
+
+
+def _diff(a, b, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = set()
+        for k in set(a) | set(b):
+            out |= _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}
