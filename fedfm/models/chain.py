@@ -43,11 +43,8 @@ MAX_CHAIN = 32  # a longer chain of start_from links is almost surely a cycle
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def earlier_run(run_dir: str | Path):

@@ -92,11 +92,8 @@ def atomic_write(path: Path, write) -> None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 # -- tensor groups: ordered name -> tensor maps stored under a prefix ------------
