@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import yaml
 
+from fedfm.compression import check_compression, make_compressor
+from fedfm.compression.report import compression_summary
 from fedfm.config import RunConfig, load_config, to_dict, validate
 from fedfm.data.encode import encode
 from fedfm.data.partition import partition, split_client, train_test_split
@@ -32,20 +34,18 @@ from fedfm.data.stats import partition_stats
 from fedfm.errors import FedfmError
 from fedfm.eval.backdoor import backdoor_success
 from fedfm.eval.evaluate import evaluate
+from fedfm.eval.personal import evaluate_personalized, personal_summary
 from fedfm.eval.report import MetricsLog, plot_metrics, write_json
 from fedfm.models import build_model, resolve_device
 from fedfm.models.chain import base_name
 from fedfm.models.state import get_state, save_state, set_state_, state_nbytes
+from fedfm.personalization import PersonalTrainer, build_plan, check_personalization
 from fedfm.robustness.attacks import Attack
 from fedfm.robustness.poison import check_poisoning, prepare_poisoning
-from fedfm.runtime.client import Client, LocalTrainer
 from fedfm.runtime import checkpoint
+from fedfm.runtime.client import Client, LocalTrainer
 from fedfm.runtime.compose import build_dp_sgd, build_server
 from fedfm.runtime.simulation import Simulation
-from fedfm.eval.personal import evaluate_personalized, personal_summary
-from fedfm.personalization import PersonalTrainer, build_plan, check_personalization
-from fedfm.compression import check_compression, make_compressor
-from fedfm.compression.report import compression_summary
 
 log = logging.getLogger("fedfm")
 
