@@ -44,7 +44,10 @@ from fedfm.robustness.attacks import Attack
 from fedfm.robustness.poison import check_poisoning, prepare_poisoning
 from fedfm.runtime import checkpoint
 from fedfm.runtime.client import Client, LocalTrainer
+from fedfm.runtime.asynchronous import AsyncEngine
 from fedfm.runtime.compose import build_dp_sgd, build_server
+from fedfm.runtime.devices import Fleet, check_devices, training_footprint_mb
+from fedfm.runtime.hetlora import HetRankTrainer
 from fedfm.runtime.simulation import Simulation
 
 log = logging.getLogger("fedfm")
@@ -162,6 +165,9 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
         raise FedfmError("--resume does not support continual runs yet (continual.enabled=true)")
     check_personalization(cfg)  # one-line errors for combinations personalization cannot serve
     check_compression(cfg)  # e.g. upload codecs with secure aggregation
+    check_devices(cfg)  # device profiles, HetLoRA ranks, asynchronous training
+    if resume is not None and cfg.asynchronous.enabled:
+        raise FedfmError("--resume does not support asynchronous runs yet (clients in flight are not checkpointed)")
     if cfg.continual.enabled:  # data arrives in stages: the always-on loop of fedfm.continual
         from fedfm.continual.loop import run_continual
 
@@ -185,6 +191,12 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
 
     dp_sgd = build_dp_sgd(cfg, fm, enc, clients)  # local sample-level DP-SGD (privacy.dp_sgd) or None
     trainer = LocalTrainer(fm, enc, cfg.train, seed=cfg.seed, dp_sgd=dp_sgd)
+    trainable = sum(p.numel() for p in fm.params.values())
+    total = sum(p.numel() for p in fm.model.parameters())
+    fleet = Fleet(cfg.devices, len(clients), cfg.seed, footprint_mb=training_footprint_mb(fm.model, trainable))
+    full_rank = cfg.model.lora.r if any(p.lora_rank is not None for p in cfg.devices.profiles) else None
+    if full_rank is not None:  # HetLoRA: each client trains and uploads only its own rank
+        trainer = HetRankTrainer(trainer, fleet.rank, full_rank)
     plan = build_plan(cfg.personalization, fm)  # personal tensors that never leave the clients, or None
     if plan is not None:
         trainer = PersonalTrainer(trainer, plan)
@@ -195,10 +207,10 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     algorithm = server.algorithm
     sim = Simulation(
         trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, initial_state, attack=attack,
-        secure=cfg.privacy.secure_aggregation, compressor=make_compressor(cfg),
+        secure=cfg.privacy.secure_aggregation, compressor=make_compressor(cfg), fleet=fleet, full_rank=full_rank,
     )
-    trainable = sum(p.numel() for p in fm.params.values())
-    total = sum(p.numel() for p in fm.model.parameters())
+    if cfg.asynchronous.enabled:  # each "round" is one buffered server step on the virtual clock
+        sim.asynchronous = AsyncEngine(sim, cfg.asynchronous)
 
     def do_eval(record: dict) -> None:
         set_state_(fm.params, sim.global_state if plan is None else plan.global_model(sim.global_state))
@@ -282,6 +294,12 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     if device.type == "cuda":
         summary["device_name"] = torch.cuda.get_device_name(device)
     summary["stop_reason"] = stop_reason
+    if fleet.enabled:
+        summary["devices"] = fleet.summary(sim.steps_of)
+    if fleet.enabled or sim.asynchronous is not None:
+        summary["virtual_s"] = sim.clock
+    if sim.asynchronous is not None:
+        summary["asynchronous"] = sim.asynchronous.summary()
     if poisoned_rows:
         summary["poisoned_rows"] = {str(c): k for c, k in poisoned_rows.items()}
     if root_client is not None:

@@ -109,6 +109,27 @@ class MeanDeltaFold(ServerFold):
         self._mean.total_weight = float(scalars[0])
         self._mean.count = int(count)
 
+    # -- multi-process simulation: each worker folds its share, the sums are added ----
+    def partial(self) -> tuple["OrderedDict[str, torch.Tensor]", list[float]]:
+        """This worker's running sums (float64; zeros when it folded nothing) and scalars.
+
+        The tensors of all workers are summed (an all-reduce) and handed to
+        :meth:`merge` with every worker's scalars; the result equals folding
+        every update in one process, up to float64 rounding.
+        """
+        g = self._require_started()
+        sums = self._mean.sums or {}
+        return (OrderedDict((k, sums[k] if k in sums else torch.zeros(g[k].shape, dtype=torch.float64))
+                            for k in self._float_keys), [self._mean.total_weight, float(self._mean.count)])
+
+    def merge(self, sums: "OrderedDict[str, torch.Tensor]", scalars: list[list[float]]) -> None:
+        """Install the workers' summed ``partial`` tensors and every worker's scalars."""
+        self._require_started()
+        self._mean = RunningWeightedMean()
+        self._mean.sums = OrderedDict((k, sums[k]) for k in self._float_keys)
+        self._mean.total_weight = float(sum(s[0] for s in scalars))
+        self._mean.count = int(sum(s[1] for s in scalars))
+
     def finish(self) -> "OrderedDict[str, torch.Tensor]":
         g = self._require_started()
         self._global = None  # the round is closed; the next one needs start()

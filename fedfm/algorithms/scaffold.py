@@ -146,6 +146,20 @@ class ScaffoldFold(MeanDeltaFold):
         self._dc.add(dc, 1.0)
         return True
 
+    def partial(self) -> tuple["OrderedDict[str, torch.Tensor]", list[float]]:
+        sums, scalars = super().partial()
+        dc = self._dc.sums or {}
+        for k in self._float_keys:
+            sums[f"control/{k}"] = dc[k] if k in dc else torch.zeros(sums[k].shape, dtype=torch.float64)
+        return sums, scalars + [self._dc.total_weight, float(self._dc.count)]
+
+    def merge(self, sums: "OrderedDict[str, torch.Tensor]", scalars: list[list[float]]) -> None:
+        super().merge(sums, [s[:2] for s in scalars])
+        self._dc = RunningWeightedMean()
+        self._dc.sums = OrderedDict((k, sums[f"control/{k}"]) for k in self._float_keys)
+        self._dc.total_weight = float(sum(s[2] for s in scalars))
+        self._dc.count = int(sum(s[3] for s in scalars))
+
     def finish(self) -> "OrderedDict[str, torch.Tensor]":
         self._require_started()
         s = self._dc.count

@@ -387,6 +387,60 @@ class CompressionConfig(Section):
         return self
 
 
+class DeviceProfile(Section):
+    """One kind of client device (fedfm.runtime.devices): a share of the clients gets it.
+
+    Durations are virtual seconds on the simulation's clock: a local step
+    takes ``devices.step_seconds / speed``, a payload ``bytes * 8 / (link_mbps * 1e6)``.
+    """
+
+    name: str = Field(min_length=1)
+    share: float = Field(gt=0)  # fraction of the clients (shares are normalised to sum to 1)
+    speed: float = Field(1.0, gt=0)  # relative compute speed (1 = the reference device)
+    link_mbps: float | None = Field(None, gt=0)  # up and down link; None: transfers take no virtual time
+    memory_mb: float | None = Field(None, gt=0)  # training memory budget; None: unlimited
+    availability: float = Field(1.0, gt=0, le=1)  # chance the client is online when a cohort is drawn
+    dropout: float = Field(0.0, ge=0, lt=1)  # chance a started client drops out before it uploads
+    lora_rank: int | None = Field(None, ge=1)  # HetLoRA: this device's LoRA rank (<= model.lora.r)
+
+
+class DevicesConfig(Section):
+    """Heterogeneous clients on a virtual clock (empty ``profiles``: all clients alike, no clock)."""
+
+    profiles: list[DeviceProfile] = []
+    step_seconds: float = Field(1.0, gt=0)  # virtual seconds one local step takes at speed 1
+    deadline_s: float | None = Field(None, gt=0)  # sync rounds: updates arriving later are dropped
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DevicesConfig":
+        names = [p.name for p in self.profiles]
+        if len(set(names)) != len(names):
+            raise ValueError(f"devices.profiles: names must be unique, got {names}")
+        return self
+
+
+class AsyncConfig(Section):
+    """Buffered asynchronous training on the virtual clock (fedfm.runtime.asynchronous).
+
+    ``fedbuff`` (Nguyen et al. 2022): the server folds updates as they arrive
+    and takes a step every ``buffer_size`` of them, each weighted by
+    ``staleness``; ``fedasync`` (Xie et al. 2019): every arrival is mixed in
+    at once, ``x <- x + mixing * s(tau) * (x_client - x)``.
+    ``federation.rounds`` counts server steps (global versions).
+    """
+
+    enabled: bool = False
+    method: Literal["fedbuff", "fedasync"] = "fedbuff"
+    buffer_size: int = Field(10, ge=1)  # K: updates per server step (fedasync: always 1)
+    concurrency: int = Field(20, ge=1)  # clients training at once
+    staleness: Literal["polynomial", "constant", "hinge"] = "polynomial"
+    staleness_exponent: float = Field(0.5, ge=0)  # polynomial: s(tau) = (1 + tau)^-a
+    hinge_a: float = Field(10.0, gt=0)  # hinge: s(tau) = 1 / (a (tau - b) + 1) for tau > b, else 1
+    hinge_b: int = Field(4, ge=0)
+    max_staleness: int | None = Field(None, ge=0)  # staler updates are rejected (logged)
+    mixing: float = Field(0.6, gt=0, le=1)  # fedasync: alpha
+
+
 class RunConfig(Section):
     name: str = "run"
     seed: int = 0
@@ -409,3 +463,5 @@ class RunConfig(Section):
     continual: ContinualConfig = ContinualConfig()
     compression: CompressionConfig = CompressionConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    devices: DevicesConfig = DevicesConfig()
+    asynchronous: AsyncConfig = AsyncConfig()

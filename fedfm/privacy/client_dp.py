@@ -242,6 +242,26 @@ class ClientDPFold(MeanDeltaFold):
         self._num_clipped = int(count) - self._num_within
         self._norm_sum = self._norm_max = math.nan
 
+    def partial(self) -> tuple["OrderedDict[str, torch.Tensor]", list[float]]:
+        """This worker's sum of clipped deltas and its clipping counters (multi-process simulation)."""
+        g = self._require_started()
+        sums = self._sums or {}
+        tensors = OrderedDict((k, sums[k] if k in sums else torch.zeros(g[k].shape, dtype=torch.float64))
+                              for k in self._float_keys)
+        return tensors, [float(self._mean.count), self._norm_sum, self._norm_max, float(self._num_within),
+                         float(self._num_clipped)]
+
+    def merge(self, sums: "OrderedDict[str, torch.Tensor]", scalars: list[list[float]]) -> None:
+        """The cohort's summed clipped deltas and counters; the noise is added once, in ``finish``."""
+        self._require_started()
+        self._sums = OrderedDict((k, sums[k]) for k in self._float_keys)
+        self._mean.count = int(sum(s[0] for s in scalars))
+        self._mean.total_weight = float(self._mean.count)
+        self._norm_sum = float(sum(s[1] for s in scalars))
+        self._norm_max = float(max(s[2] for s in scalars))
+        self._num_within = int(sum(s[3] for s in scalars))
+        self._num_clipped = int(sum(s[4] for s in scalars))
+
     def finish(self) -> "OrderedDict[str, torch.Tensor]":
         g = self._require_started()
         self._global = None

@@ -47,7 +47,9 @@ import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError
+from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
 
 from fedfm.errors import FedfmError
 
@@ -240,6 +242,7 @@ class Checkpointer:
             },
             "uploads": getattr(sim, "uploads", None),  # update payloads sent (compression factor)
             "rejected": list(sim.rejected),
+            "clock": float(getattr(sim, "clock", 0.0)),  # virtual seconds (device profiles)
             "accountant": None if server.accountant is None else server.accountant.state_dict(),
             "dp_sgd": None
             if dp_sgd is None
@@ -311,6 +314,7 @@ def restore(meta: dict, tensors, sim, server, clients, dp_sgd=None) -> None:
     for c, v in meta["ledger"]["per_client"].items():
         sim.ledger.per_client[int(c)] = {k: int(n) for k, n in v.items()}
     sim.rejected = list(meta["rejected"])
+    sim.clock = float(meta.get("clock", 0.0))
     if (meta["accountant"] is None) != (server.accountant is None):
         raise FedfmError("checkpoint and config disagree on privacy.client_dp")
     if server.accountant is not None:
@@ -379,3 +383,23 @@ def _diff(a, b, prefix: str = "") -> set[str]:
             out |= _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return set() if a == b else {prefix.rstrip(".")}
+
+
+def pack_client_states(clients) -> bytes:
+    """The private state of ``clients`` as one safetensors blob (multi-process simulation hands it on)."""
+    tensors: dict[str, torch.Tensor] = {}
+    orders: dict[str, list[str]] = {}
+    meta = _client_states(clients, tensors, orders)
+    tensors.setdefault("_", torch.zeros(0))  # safetensors wants at least one tensor
+    return st_save(tensors, metadata={"clients": json.dumps(meta), "orders": json.dumps(orders)})
+
+
+def unpack_client_states(clients, blob: bytes) -> None:
+    """Replace the state of every client named in ``blob`` (others are untouched)."""
+    tensors = st_load(blob)
+    info = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])["__metadata__"]
+    meta, orders = json.loads(info["clients"]), json.loads(info["orders"])
+    by_id = {c.cid: c for c in clients}
+    for cid in meta:
+        by_id[int(cid)].state.clear()
+    _restore_clients([by_id[int(cid)] for cid in meta], meta, tensors, orders)

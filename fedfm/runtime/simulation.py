@@ -4,6 +4,14 @@ Each round samples a cohort, encodes one broadcast, runs every sampled
 client's ``local_update`` on the single shared model, encodes each update as
 it would travel, validates it, and folds it into the server aggregate. The
 algorithm never learns that it is simulated.
+
+With device profiles (fedfm.runtime.devices) the rounds run on a virtual
+clock: a cohort is drawn from the clients online that round, a client may
+drop out mid-round (the round goes on without it), a sync round lasts until
+its slowest reporting client (or ``devices.deadline_s``), and clients of a
+smaller LoRA rank upload only their rank (HetLoRA, fedfm.runtime.hetlora).
+With ``asynchronous.enabled`` each ``run_round`` is one buffered server step
+instead (fedfm.runtime.asynchronous).
 """
 
 from __future__ import annotations
@@ -18,8 +26,11 @@ import torch
 
 from fedfm.algorithms.base import Algorithm
 from fedfm.compression.codecs import CodecError
+from fedfm.data.encode import steps_for
 from fedfm.robustness.validate import update_problem
+from fedfm.runtime import hetlora
 from fedfm.runtime.client import Client, LocalTrainer, derive_seed
+from fedfm.runtime.devices import Fleet
 from fedfm.runtime.ledger import ByteLedger
 from fedfm.privacy.secagg_crypto import SecAggAbort
 from fedfm.runtime.secure_round import SecureRound
@@ -32,6 +43,14 @@ def sample_cohort(num_clients: int, cohort_size: int, seed: int, round_idx: int)
     """Uniform sampling without replacement, reproducible from (seed, round)."""
     rng = np.random.default_rng(derive_seed(seed, round_idx, 0x5A3))
     return sorted(int(c) for c in rng.choice(num_clients, size=cohort_size, replace=False))
+
+
+def sample_from(eligible: np.ndarray, cohort_size: int, seed: int, round_idx: int) -> list[int]:
+    """Uniform sampling without replacement among ``eligible`` ids (all of them when fewer)."""
+    if len(eligible) <= cohort_size:
+        return sorted(int(c) for c in eligible)
+    rng = np.random.default_rng(derive_seed(seed, round_idx, 0x5A3))
+    return sorted(int(c) for c in rng.choice(eligible, size=cohort_size, replace=False))
 
 
 class Simulation:
@@ -48,6 +67,9 @@ class Simulation:
         attack=None,
         secure=None,
         compressor=None,
+        fleet: Fleet | None = None,
+        full_rank: int | None = None,
+        asynchronous=None,
     ) -> None:
         self.trainer = trainer
         self.algorithm = algorithm
@@ -66,12 +88,41 @@ class Simulation:
         self.malicious = set(attack.malicious(len(self.clients))) if self.attack else set()
         # Secure aggregation (fedfm.config.schema.SecureAggregationConfig): the fold sees only sums.
         self.secure = secure if secure is not None and secure.enabled else None
+        # Device profiles and the virtual clock (fedfm.runtime.devices); a disabled fleet changes nothing.
+        self.fleet = fleet
+        self.clock = 0.0  # virtual seconds since the start of the run
+        # HetLoRA: the global LoRA rank, when some clients train a smaller one (fedfm.runtime.hetlora).
+        self.full_rank = full_rank
+        # Buffered asynchronous training (fedfm.runtime.asynchronous.AsyncEngine) or None: sync rounds.
+        self.asynchronous = asynchronous
+
+    @property
+    def virtual(self) -> bool:
+        """True when rounds run on the virtual clock of device profiles."""
+        return self.fleet is not None and self.fleet.enabled
+
+    def steps_of(self, cid: int) -> int:
+        """Local steps the client runs in a round (what its compute time is made of)."""
+        cfg = self.trainer.cfg
+        return steps_for(len(self.clients[cid].train_idx), cfg.batch_size, cfg.local_steps, cfg.local_epochs)
+
+    def rank_of(self, cid: int) -> int | None:
+        """The client's LoRA rank when it trains fewer components than the global adapter (HetLoRA)."""
+        if self.full_rank is None or self.fleet is None:
+            return None
+        rank = self.fleet.rank(cid)
+        return rank if rank is not None and rank < self.full_rank else None
 
     def run_round(self, round_idx: int, on_client: Callable[[int], None] | None = None) -> dict:
-        """One synchronous round; returns the round's record (without evaluation)."""
+        """One synchronous round (or asynchronous server step); returns its record (without evaluation)."""
+        if self.asynchronous is not None:
+            return self.asynchronous.step(round_idx, on_client)
         t0 = time.perf_counter()
         self.ledger.start_round()
-        cohort = sample_cohort(len(self.clients), self.clients_per_round, self.seed, round_idx)
+        if self.virtual:  # drawn among the clients online this round
+            cohort = sample_from(self.fleet.eligible(round_idx), self.clients_per_round, self.seed, round_idx)
+        else:
+            cohort = sample_cohort(len(self.clients), self.clients_per_round, self.seed, round_idx)
         algo = self.algorithm
         algo.start(self.global_state, self.version)
         down, down_raw = self._encode_down(algo.broadcast(self.global_state, self.version))
@@ -85,9 +136,19 @@ class Simulation:
             except SecAggAbort as err:
                 return self._aborted(round_idx, cohort, err, t0)
             vanished = self._vanishing(cohort, round_idx)
+        times, dropped, late = [], [], []  # virtual arrival (or drop-out) times; who dropped; who came too late
+        deadline = self.fleet.cfg.deadline_s if self.virtual else None
         for cid in [c for c in cohort if c not in self.malicious] + bad:  # honest clients first
             client = self.clients[cid]
             self.ledger.record(cid, "down", len(down), raw=down_raw)
+            drop = self.fleet.drop_point(cid, round_idx) if self.virtual else None
+            if drop is not None:  # drops out mid-round: the round goes on without it
+                times.append(self.fleet.transfer_s(cid, len(down)) + drop * self.fleet.compute_s(cid, self.steps_of(cid)))
+                dropped.append(cid)
+                log.info("round %d: client %d dropped out after %.0f%% of its work", round_idx, cid, 100 * drop)
+                if secure is None:
+                    continue
+                vanished = vanished | {cid}  # after sharing keys: its masks are recovered
             if cid in vanished:  # drops out after sharing keys: its masks are recovered
                 continue
             update = self.trainer.local_update(algo, self._decode_down(down), client, round_idx)
@@ -110,6 +171,13 @@ class Simulation:
                 up, up_raw = self._encode_up(update, client, round_idx)
                 self.ledger.record(cid, "up", len(up), raw=up_raw)
                 self.uploads += 1
+                if self.virtual:
+                    t = self.fleet.duration(cid, int(update.metrics.get("steps", self.steps_of(cid))), len(down), len(up))
+                    times.append(t if deadline is None else min(t, deadline))
+                    if deadline is not None and t > deadline:  # the round closed before it arrived
+                        late.append(cid)
+                        self._reject(round_idx, cid, f"late: arrived at {t:.1f}s, after the {deadline:g}s deadline")
+                        continue
                 ok = self._receive(up, round_idx)
             if ok:
                 accepted += 1
@@ -125,6 +193,11 @@ class Simulation:
                 return self._aborted(round_idx, cohort, err, t0)
         self.global_state = algo.finish()
         self.version += 1
+        if self.virtual:  # the round lasts until its last arrival (or drop-out, or the deadline)
+            round_virtual = max(times, default=0.0)
+            self.clock += round_virtual
+            secagg_stats.update(virtual_s=self.clock, round_virtual_s=round_virtual, dropped=len(dropped),
+                                late=len(late))
         record = {
             "round": round_idx,
             "version": self.version,
@@ -137,6 +210,17 @@ class Simulation:
             "round_s": time.perf_counter() - t0,
         }
         return record
+
+    def _pad_rank(self, update) -> str | None:
+        """HetLoRA: zero-pad a smaller-rank update in place; the reason when its shapes are wrong."""
+        rank = self.rank_of(update.client_id) if 0 <= update.client_id < len(self.clients) else None
+        if rank is None:
+            return None
+        try:
+            update.delta = hetlora.pad(update.delta, self.global_state, rank)
+        except ValueError as err:
+            return str(err)
+        return None
 
     # -- secure aggregation ------------------------------------------------------
     def _secure_round(self, cohort: list[int], round_idx: int) -> SecureRound:
@@ -208,8 +292,13 @@ class Simulation:
             return decode_broadcast(payload)
         return self.compressor.decode_broadcast(payload)
 
-    def _receive(self, payload: bytes, round_idx: int) -> bool:
-        """Decode, validate and fold one update; a bad one is logged and left out."""
+    def _receive(self, payload: bytes, round_idx: int, transform=None) -> bool:
+        """Decode, validate and fold one update; a bad one is logged and left out.
+
+        A smaller-rank client's update is zero-padded to the global shapes first
+        (HetLoRA); ``transform(update)`` (asynchronous staleness weighting) runs
+        after validation, just before the fold.
+        """
         try:
             if self._codes_up():  # decoded to a dense update before validation and folding
                 update = self.compressor.decode_update(payload, self.global_state)
@@ -219,10 +308,14 @@ class Simulation:
             reason, cid = str(err), -1
         else:
             cid = update.client_id
-            reason = update_problem(update, self.global_state)
+            reason = self._pad_rank(update)
+            reason = reason or update_problem(update, self.global_state)
             if reason is None:
-                self.algorithm.add(update)
+                self.algorithm.add(update if transform is None else transform(update))
                 return True
+        self._reject(round_idx, cid, reason)
+        return False
+
+    def _reject(self, round_idx: int, cid: int, reason: str) -> None:
         log.warning("round %d: rejected update from client %d: %s", round_idx, cid, reason)
         self.rejected.append({"round": round_idx, "client": cid, "reason": reason})
-        return False
