@@ -49,6 +49,7 @@ from fedfm.runtime.compose import build_dp_sgd, build_server
 from fedfm.runtime.devices import Fleet, check_devices, training_footprint_mb
 from fedfm.runtime.hetlora import HetRankTrainer
 from fedfm.runtime.simulation import Simulation
+from fedfm.runtime.workers import is_main_process, start_workers
 
 log = logging.getLogger("fedfm")
 
@@ -142,8 +143,9 @@ def start_run(cfg: RunConfig):
     """
     device = resolve_device(cfg.device)
     out = run_dir_for(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if is_main_process():  # under torchrun only rank 0 writes the run folder
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -179,7 +181,8 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     check_poisoning(attack, cfg.model.task, num_labels, eval_backdoor)
     holdout = split_holdout(cfg, ds)
     test_idx, clients, stats = build_clients(cfg, ds, holdout)
-    write_json(out / "partition.json", stats)
+    if is_main_process():
+        write_json(out / "partition.json", stats)
 
     fm = build_model(cfg.model, num_labels, seed=cfg.seed, device=device)  # loads model.init_state when set
     enc = encode(ds.texts, fm.tokenizer, cfg.model.max_length, ds.labels if cfg.model.task == "seq_cls" else None)
@@ -221,8 +224,6 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
         if plan is not None and cfg.eval.clients:  # each client's own model on its local test split
             record.update(evaluate_personalized(fm, enc, clients, plan, sim.global_state, cfg.eval.batch_size))
 
-    from fedfm.progress import RunProgress
-
     ckpt = checkpoint.Checkpointer(out, cfg.checkpoint.every, cfg.checkpoint.keep)
     start_round, kept = 1, None
     if resume is not None and (last_ckpt := checkpoint.latest(out)) is not None:
@@ -232,44 +233,22 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
         start_round = ckpt_meta["round"] + 1
     elif resume is not None and cfg.checkpoint.every == 0:
         raise FedfmError(f"cannot resume {out}: it ran with checkpoint.every=0 (no checkpoints)")
-    metrics_log = MetricsLog(out / "metrics.jsonl")
-    for kept_record in kept or ():  # metrics.jsonl truncated to the checkpoint's round
-        metrics_log.write(kept_record)
-    stop_reason = None
-    rounds = cfg.federation.rounds
-    with RunProgress(cfg, console=console, enabled=cfg.progress) as progress:
-        progress.header(cfg, len(ds.texts), len(test_idx), stats, trainable, total)
-        if cfg.eval.every > 0 and kept is None:
-            record = {"round": 0, "version": 0, **sim.ledger.snapshot()}
-            do_eval(record)
-            record["wall_s"] = time.perf_counter() - t_start
-            metrics_log.write(record)
-            progress.round_done(record)
-        for rnd in range(start_round, rounds + 1):
-            if not server.budget_allows_next_round():
-                stop_reason = f"privacy budget: round {rnd} would exceed epsilon={server.target_epsilon}"
-                progress.print(f"  stopped before round {rnd}: {stop_reason}")
-                break
-            if dp_sgd is not None and dp_sgd.exhausted():
-                stop_reason = f"dp_sgd budget: no client can train again within epsilon={dp_sgd.target_epsilon}"
-                progress.print(f"  stopped before round {rnd}: {stop_reason}")
-                break
-            record = sim.run_round(rnd, on_client=progress.client_done)
-            if server.accountant is not None and "aborted" not in record:  # an aborted round releases nothing
-                server.accountant.step()
-            record.update(server.privacy_record())
-            record.update(server.robust_record())
-            if dp_sgd is not None:
-                record.update(dp_sgd.round_record())  # dp_sgd_epsilon: the largest client epsilon so far
-            last = rnd == rounds or not server.budget_allows_next_round() or (dp_sgd is not None and dp_sgd.exhausted())
-            if (cfg.eval.every > 0 and rnd % cfg.eval.every == 0) or last:
-                do_eval(record)
-            record["wall_s"] = time.perf_counter() - t_start
-            metrics_log.write(record)
-            if ckpt.due(rnd):  # numbered global version + server, client, privacy and RNG state
-                ckpt.save(rnd, sim, server, clients, len(metrics_log.records), dp_sgd)
-            progress.round_done(record)
-    metrics_log.close()
+    # Everything read-only is built: split the rounds across worker processes (fedfm.runtime.workers).
+    group = start_workers(cfg, device)
+    sim.group = group
+    main = group is None or group.main  # only the main process evaluates and writes
+    try:
+        metrics_log, stop_reason, progress = run_rounds(cfg, sim, server, dp_sgd, clients, out, main, kept, start_round,
+                                              do_eval, ckpt, progress_args=(console, len(ds.texts), len(test_idx),
+                                                                            stats, trainable, total), t_start=t_start)
+    except BaseException:
+        if group is not None:
+            group.fail()  # a forked worker leaves here; the main process stops its workers
+        raise
+    if group is not None:
+        group.close()  # a forked worker leaves here
+        if not main:
+            return {}
 
     final_state = sim.global_state if plan is None else plan.global_model(sim.global_state)  # + initial personal
     set_state_(fm.params, final_state)
@@ -311,6 +290,57 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     write_json(out / "summary.json", summary)
     progress.summary(summary)
     return summary
+
+
+
+
+def run_rounds(cfg, sim, server, dp_sgd, clients, out, main, kept, start_round, do_eval, ckpt, progress_args, t_start):
+    """The round loop, run by every worker; only the main process evaluates and writes.
+
+    Returns ``(metrics_log, stop_reason, progress)``.
+    """
+    from fedfm.progress import RunProgress
+
+    console, *header = progress_args
+    metrics_log = MetricsLog(out / "metrics.jsonl" if main else None)
+    for kept_record in kept or ():  # metrics.jsonl truncated to the checkpoint's round
+        metrics_log.write(kept_record)
+    stop_reason = None
+    rounds = cfg.federation.rounds
+    with RunProgress(cfg, console=console, enabled=cfg.progress and main) as progress:
+        progress.header(cfg, *header)
+        if cfg.eval.every > 0 and kept is None and main:
+            record = {"round": 0, "version": 0, **sim.ledger.snapshot()}
+            do_eval(record)
+            record["wall_s"] = time.perf_counter() - t_start
+            metrics_log.write(record)
+            progress.round_done(record)
+        for rnd in range(start_round, rounds + 1):
+            if not server.budget_allows_next_round():
+                stop_reason = f"privacy budget: round {rnd} would exceed epsilon={server.target_epsilon}"
+                progress.print(f"  stopped before round {rnd}: {stop_reason}")
+                break
+            if dp_sgd is not None and dp_sgd.exhausted():
+                stop_reason = f"dp_sgd budget: no client can train again within epsilon={dp_sgd.target_epsilon}"
+                progress.print(f"  stopped before round {rnd}: {stop_reason}")
+                break
+            record = sim.run_round(rnd, on_client=progress.client_done)
+            if server.accountant is not None and "aborted" not in record:  # an aborted round releases nothing
+                server.accountant.step()
+            record.update(server.privacy_record())
+            record.update(server.robust_record())
+            if dp_sgd is not None:
+                record.update(dp_sgd.round_record())  # dp_sgd_epsilon: the largest client epsilon so far
+            last = rnd == rounds or not server.budget_allows_next_round() or (dp_sgd is not None and dp_sgd.exhausted())
+            if main and ((cfg.eval.every > 0 and rnd % cfg.eval.every == 0) or last):
+                do_eval(record)
+            record["wall_s"] = time.perf_counter() - t_start
+            metrics_log.write(record)
+            if main and ckpt.due(rnd):  # numbered global version + server, client, privacy and RNG state
+                ckpt.save(rnd, sim, server, clients, len(metrics_log.records), dp_sgd)
+            progress.round_done(record)
+    metrics_log.close()
+    return metrics_log, stop_reason, progress
 
 
 def make_summary(cfg: RunConfig, records: list[dict], sim: Simulation, trainable: int, total: int, wall: float, out: Path) -> dict:

@@ -223,6 +223,7 @@ def test_tiny_run_with_int8_counts_bytes_exactly_and_rejects_a_malformed_payload
             "federation.num_clients=4",
             f"federation.clients_per_round={per_round}", "federation.rounds=2", "train.local_steps=2",
             "eval.every=0", "eval.clients=false", "progress=false", "threads=1", f"out={out}",
+            "workers=1",  # the malformed payload is monkeypatched into this process only
             "compression.upload=[int8]", "compression.download=[fp16]", "compression.chunk_size=32",
         ])
     c = summary["compression"]

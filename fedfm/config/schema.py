@@ -446,6 +446,9 @@ class RunConfig(Section):
     seed: int = 0
     out: str | None = None  # run folder; default runs/<name>-<timestamp>
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; default: torch's choice
+    # Simulation workers (fedfm.runtime.workers), each one process with one model and one compute thread;
+    # None: one per core (capped by the cohort), or 1 where a run cannot be split. torchrun sets its own.
+    workers: int | None = Field(None, ge=1)
     # Where the model trains and evaluates: auto (cuda when available, else cpu), cpu, cuda, cuda:N.
     # The global state, the wire and the server folds stay on the CPU.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

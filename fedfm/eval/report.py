@@ -10,18 +10,21 @@ from pathlib import Path
 class MetricsLog:
     """Appends one JSON object per round to ``metrics.jsonl`` (flushed each line)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         self.records: list[dict] = []
-        self._fh = open(path, "w", encoding="utf-8")  # a run folder holds one run
+        # a run folder holds one run; None keeps the records in memory only (a simulation worker)
+        self._fh = open(path, "w", encoding="utf-8") if path is not None else None
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        self._fh.write(json.dumps(record, default=float) + "\n")
-        self._fh.flush()
+        if self._fh is not None:
+            self._fh.write(json.dumps(record, default=float) + "\n")
+            self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def write_json(path: Path, data: dict) -> None:

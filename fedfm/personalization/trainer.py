@@ -58,6 +58,7 @@ class PersonalTrainer:
         self.trainer = trainer
         self.plan = plan
         self.fm = trainer.fm
+        self.cfg = trainer.cfg  # the local training config (the runtime reads steps from it)
 
     def local_update(self, algo: Algorithm, broadcast: Broadcast, client: Client, round_idx: int) -> Update:
         t, plan, fm = self.trainer, self.plan, self.fm

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ from fedfm.compression.codecs import CodecError
 from fedfm.data.encode import steps_for
 from fedfm.robustness.validate import update_problem
 from fedfm.runtime import hetlora
+from fedfm.runtime.checkpoint import pack_client_states, unpack_client_states
 from fedfm.runtime.client import Client, LocalTrainer, derive_seed
 from fedfm.runtime.devices import Fleet
 from fedfm.runtime.ledger import ByteLedger
@@ -51,6 +53,33 @@ def sample_from(eligible: np.ndarray, cohort_size: int, seed: int, round_idx: in
         return sorted(int(c) for c in eligible)
     rng = np.random.default_rng(derive_seed(seed, round_idx, 0x5A3))
     return sorted(int(c) for c in rng.choice(eligible, size=cohort_size, replace=False))
+
+
+@dataclass
+class RoundTally:
+    """What one process saw of a round's clients (merged across workers in multi-process runs)."""
+
+    rejected_from: int = 0  # len(sim.rejected) when the round began
+    uploads_from: int = 0
+    accepted: int = 0
+    losses: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    times: list = field(default_factory=list)  # virtual arrival (or drop-out) times
+    dropped: list = field(default_factory=list)
+    late: list = field(default_factory=list)
+    events: list = field(default_factory=list)  # byte-ledger entries [cid, direction, bytes, raw]
+
+    def train_loss(self) -> float:
+        return float(np.average(self.losses, weights=self.weights)) if self.losses else float("nan")
+
+    def facts(self, rejected: list, uploads: int, scalars: list) -> dict:
+        keys = ("accepted", "losses", "weights", "times", "dropped", "late", "events")
+        return {**{k: getattr(self, k) for k in keys}, "rejected": rejected, "uploads": uploads, "scalars": scalars}
+
+    def absorb(self, other: dict) -> None:
+        self.accepted += other["accepted"]
+        for k in ("losses", "weights", "times", "dropped", "late"):
+            getattr(self, k).extend(other[k])
 
 
 class Simulation:
@@ -95,6 +124,8 @@ class Simulation:
         self.full_rank = full_rank
         # Buffered asynchronous training (fedfm.runtime.asynchronous.AsyncEngine) or None: sync rounds.
         self.asynchronous = asynchronous
+        # Multi-process simulation (fedfm.runtime.workers.WorkerGroup) or None: this process trains every client.
+        self.group = None
 
     @property
     def virtual(self) -> bool:
@@ -126,7 +157,7 @@ class Simulation:
         algo = self.algorithm
         algo.start(self.global_state, self.version)
         down, down_raw = self._encode_down(algo.broadcast(self.global_state, self.version))
-        losses, weights, accepted = [], [], 0
+        tally = RoundTally(rejected_from=len(self.rejected), uploads_from=self.uploads)
         bad = [c for c in cohort if c in self.malicious]
         benign_deltas = []  # kept only for colluding attacks (ALIE, IPM)
         secure, vanished = None, set()
@@ -136,15 +167,16 @@ class Simulation:
             except SecAggAbort as err:
                 return self._aborted(round_idx, cohort, err, t0)
             vanished = self._vanishing(cohort, round_idx)
-        times, dropped, late = [], [], []  # virtual arrival (or drop-out) times; who dropped; who came too late
         deadline = self.fleet.cfg.deadline_s if self.virtual else None
-        for cid in [c for c in cohort if c not in self.malicious] + bad:  # honest clients first
+        order = [c for c in cohort if c not in self.malicious] + bad  # honest clients first
+        mine = order if self.group is None else self.group.share(order, self.steps_of)  # this worker's clients
+        for cid in mine:
             client = self.clients[cid]
-            self.ledger.record(cid, "down", len(down), raw=down_raw)
+            self._record(tally, cid, "down", len(down), down_raw)
             drop = self.fleet.drop_point(cid, round_idx) if self.virtual else None
             if drop is not None:  # drops out mid-round: the round goes on without it
-                times.append(self.fleet.transfer_s(cid, len(down)) + drop * self.fleet.compute_s(cid, self.steps_of(cid)))
-                dropped.append(cid)
+                tally.times.append(self.fleet.transfer_s(cid, len(down)) + drop * self.fleet.compute_s(cid, self.steps_of(cid)))
+                tally.dropped.append(cid)
                 log.info("round %d: client %d dropped out after %.0f%% of its work", round_idx, cid, 100 * drop)
                 if secure is None:
                     continue
@@ -169,22 +201,24 @@ class Simulation:
                 self.uploads += int(ok)
             else:
                 up, up_raw = self._encode_up(update, client, round_idx)
-                self.ledger.record(cid, "up", len(up), raw=up_raw)
+                self._record(tally, cid, "up", len(up), up_raw)
                 self.uploads += 1
                 if self.virtual:
                     t = self.fleet.duration(cid, int(update.metrics.get("steps", self.steps_of(cid))), len(down), len(up))
-                    times.append(t if deadline is None else min(t, deadline))
+                    tally.times.append(t if deadline is None else min(t, deadline))
                     if deadline is not None and t > deadline:  # the round closed before it arrived
-                        late.append(cid)
+                        tally.late.append(cid)
                         self._reject(round_idx, cid, f"late: arrived at {t:.1f}s, after the {deadline:g}s deadline")
                         continue
                 ok = self._receive(up, round_idx)
             if ok:
-                accepted += 1
-                losses.append(update.metrics["train_loss"])
-                weights.append(update.num_examples)
+                tally.accepted += 1
+                tally.losses.append(update.metrics["train_loss"])
+                tally.weights.append(update.num_examples)
             if on_client is not None:
                 on_client(cid)
+        if self.group is not None:  # all-reduce the partial folds, gather what the others saw
+            self._merge_workers(tally, mine)
         secagg_stats = {}
         if secure is not None:
             try:
@@ -194,22 +228,46 @@ class Simulation:
         self.global_state = algo.finish()
         self.version += 1
         if self.virtual:  # the round lasts until its last arrival (or drop-out, or the deadline)
-            round_virtual = max(times, default=0.0)
+            round_virtual = max(tally.times, default=0.0)
             self.clock += round_virtual
-            secagg_stats.update(virtual_s=self.clock, round_virtual_s=round_virtual, dropped=len(dropped),
-                                late=len(late))
+            secagg_stats.update(virtual_s=self.clock, round_virtual_s=round_virtual, dropped=len(tally.dropped),
+                                late=len(tally.late))
         record = {
             "round": round_idx,
             "version": self.version,
             "cohort": cohort,
-            "accepted": accepted,
+            "accepted": tally.accepted,
             "malicious": len(bad),
-            "train_loss": float(np.average(losses, weights=weights)) if losses else float("nan"),
+            "train_loss": tally.train_loss(),
             **secagg_stats,
             **self.ledger.snapshot(),
             "round_s": time.perf_counter() - t0,
         }
         return record
+
+    # -- multi-process simulation (fedfm.runtime.workers) ----------------------------------
+    def _record(self, tally: "RoundTally", cid: int, direction: str, nbytes: int, raw: int | None) -> None:
+        self.ledger.record(cid, direction, nbytes, raw=raw)
+        tally.events.append([cid, direction, nbytes, raw])
+
+    def _merge_workers(self, tally: "RoundTally", mine: list[int]) -> None:
+        """Sum the workers' partial folds; take in the other workers' ledger entries, facts and client states."""
+        group, fold = self.group, self.algorithm.fold
+        sums, scalars = fold.partial()
+        total = group.sum_tensors(sums)
+        facts = tally.facts(self.rejected[tally.rejected_from:], self.uploads - tally.uploads_from, scalars)
+        everyone = group.gather_json(facts)
+        fold.merge(total, [f["scalars"] for f in everyone])
+        blobs = group.gather_bytes(pack_client_states([self.clients[c] for c in mine]))
+        for rank, (f, blob) in enumerate(zip(everyone, blobs)):
+            if rank == group.rank:
+                continue
+            unpack_client_states(self.clients, blob)
+            for cid, direction, nbytes, raw in f["events"]:
+                self.ledger.record(cid, direction, nbytes, raw=raw)
+            self.rejected.extend(f["rejected"])
+            self.uploads += f["uploads"]
+            tally.absorb(f)
 
     def _pad_rank(self, update) -> str | None:
         """HetLoRA: zero-pad a smaller-rank update in place; the reason when its shapes are wrong."""

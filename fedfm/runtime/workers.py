@@ -1,0 +1,244 @@
+"""Multi-process simulation on torch.distributed: every worker trains a share of each cohort.
+
+Each worker is one process holding one model instance and one compute
+thread. Every round, all workers draw the same cohort, split it by a
+deterministic longest-processing-time-first assignment (a client's cost is
+its number of local steps, so no worker straggles), train and encode their
+own clients, decode, validate and fold their updates into a *partial* fold,
+and then:
+
+* all-reduce the folds' running sums (float64) -- one collective of the
+  trainable state's size, whatever the cohort size;
+* all-gather the few per-client facts the run reports (byte-ledger entries,
+  losses, rejections, virtual times) and the private state of the clients
+  each worker trained (SCAFFOLD's ``c_i``, error-feedback residuals), as
+  safetensors/JSON bytes -- never pickle.
+
+Every worker then finishes the same fold on the same sums, so all hold the
+same new global state without a broadcast. Worker 0 alone evaluates and
+writes the run folder; the others move on to the next round meanwhile.
+
+Two ways to start workers:
+
+* ``torchrun --nproc-per-node N -m fedfm run CONFIG`` (one or many machines):
+  each process builds the run itself and joins the group from torchrun's
+  environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...);
+* ``fedfm run CONFIG workers=N`` (one machine, default: one per core): the
+  run forks ``N - 1`` workers once the model, the tokenized data and the
+  clients are built, so the frozen base weights are shared copy-on-write.
+
+Backend: gloo (CPU). Runs that need every update in one place (robust rules,
+FLTrust, colluding attacks, secure aggregation), asynchronous, continual or
+GPU runs, and local DP-SGD (its per-client accountants live on the server)
+stay in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import tempfile
+from collections import OrderedDict
+from datetime import timedelta
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from fedfm.errors import FedfmError
+
+log = logging.getLogger("fedfm")
+
+TIMEOUT = timedelta(minutes=30)
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def single_process_reason(cfg, device: torch.device | None = None) -> str | None:
+    """Why ``cfg`` must run in one process, or None when its rounds can be split across workers."""
+    if device is not None and device.type != "cpu":
+        return f"the model trains on {device}"
+    if cfg.asynchronous.enabled:
+        return "asynchronous training"
+    if cfg.continual.enabled:
+        return "continual learning"
+    if cfg.privacy.secure_aggregation.enabled:
+        return "secure aggregation"
+    if cfg.privacy.dp_sgd.enabled:
+        return "local DP-SGD (per-client accountants)"
+    if cfg.robust.rule != "mean":
+        return f"robust.rule={cfg.robust.rule} (needs every update in one place)"
+    if cfg.attack.name in ("alie", "ipm"):
+        return f"attack {cfg.attack.name} (colludes over the round's benign updates)"
+    return None
+
+
+def resolve_workers(cfg, device: torch.device) -> int:
+    """How many workers a run gets: ``cfg.workers``, or one per core (capped by the cohort)."""
+    reason = single_process_reason(cfg, device)
+    if cfg.workers is not None:
+        if cfg.workers > 1 and reason is not None:
+            raise FedfmError(f"workers={cfg.workers} is not supported with {reason}; use workers=1")
+        return cfg.workers
+    if reason is not None:
+        return 1
+    return max(1, min(cores(), cfg.federation.clients_per_round))
+
+
+def assign(order: Sequence[int], cost: Callable[[int], float], world: int) -> list[list[int]]:
+    """Longest processing time first: each client, costliest first, goes to the least loaded worker.
+
+    Ties break by position in ``order`` and by worker number, so every worker
+    computes the same assignment. Each worker's list keeps ``order``'s order.
+    """
+    pos = {c: i for i, c in enumerate(order)}
+    load = [0.0] * world
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for c in sorted(order, key=lambda c: (-cost(c), pos[c])):
+        w = min(range(world), key=lambda r: (load[r], r))
+        shares[w].append(c)
+        load[w] += cost(c)
+    return [sorted(s, key=pos.__getitem__) for s in shares]
+
+
+class WorkerGroup:
+    """This process's place in the group of simulation workers (a gloo process group)."""
+
+    def __init__(self, rank: int, world: int, children: list[int] | None = None, forked: bool = False) -> None:
+        self.rank = rank
+        self.world = world
+        self.children = children or []  # pids of forked workers (worker 0 only)
+        self.forked = forked
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, order: Sequence[int], cost: Callable[[int], float]) -> list[int]:
+        return assign(order, cost, self.world)[self.rank]
+
+    # -- collectives ------------------------------------------------------------------
+    def sum_tensors(self, tensors: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
+        """Element-wise sum over workers of same-shaped float64 tensors (one flat all-reduce)."""
+        if not tensors:
+            return OrderedDict()
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors.values()])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        out, at = OrderedDict(), 0
+        for k, t in tensors.items():
+            out[k] = flat[at : at + t.numel()].view(t.shape).clone()
+            at += t.numel()
+        return out
+
+    def gather_bytes(self, blob: bytes) -> list[bytes]:
+        """Every worker's ``blob``, in worker order."""
+        size = torch.tensor([len(blob)], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(sizes, size)
+        width = int(max(s.item() for s in sizes))
+        buf = torch.zeros(width, dtype=torch.uint8)
+        if blob:
+            buf[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        bufs = [torch.zeros(width, dtype=torch.uint8) for _ in range(self.world)]
+        dist.all_gather(bufs, buf)
+        return [bytes(b[: int(s.item())].numpy().tobytes()) for b, s in zip(bufs, sizes)]
+
+    def gather_json(self, obj) -> list:
+        return [json.loads(b) for b in self.gather_bytes(json.dumps(obj).encode())]
+
+    def close(self) -> None:
+        """The run is over: a forked worker exits here; the main process reaps its workers."""
+        if self.forked and not self.main:
+            finish_worker(self, 0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for pid in self.children:
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                raise FedfmError(f"simulation worker (pid {pid}) exited with code {code}")
+        self.children = []
+
+    def fail(self) -> None:
+        """The run failed in this process: a forked worker exits (code 1); the main process stops its workers."""
+        if self.forked and not self.main:
+            log.exception("simulation worker %d failed", self.rank)
+            finish_worker(self, 1)
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self.children = []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def from_torchrun() -> WorkerGroup | None:
+    """The group torchrun started this process in (WORLD_SIZE > 1), or None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=TIMEOUT)  # env:// from torchrun
+    return WorkerGroup(dist.get_rank(), dist.get_world_size())
+
+
+def fork_workers(world: int) -> WorkerGroup:
+    """Fork ``world - 1`` workers of this process; returns each process's place in the group.
+
+    Call it once everything read-only is built: the children share those
+    pages with the parent until someone writes them (the frozen base never is).
+    A child must leave through :func:`finish_worker`, never by returning.
+    """
+    store = os.path.join(tempfile.mkdtemp(prefix="fedfm-workers-"), "store")
+    children = []
+    for rank in range(1, world):
+        pid = os.fork()
+        if pid == 0:  # a worker: one compute thread, then join the group
+            torch.set_num_threads(1)
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                    timeout=TIMEOUT)
+            return WorkerGroup(rank, world, forked=True)
+        children.append(pid)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=world, timeout=TIMEOUT)
+    return WorkerGroup(0, world, children=children, forked=True)
+
+
+def finish_worker(group: WorkerGroup, code: int) -> None:
+    """End a forked worker process without running the parent's exit handlers."""
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        os._exit(code)
+
+
+def start_workers(cfg, device: torch.device) -> WorkerGroup | None:
+    """Join torchrun's group, or fork ``workers - 1`` workers; None when the run stays in one process."""
+    group = from_torchrun()
+    if group is not None:
+        reason = single_process_reason(cfg, device)
+        if reason is not None:
+            raise FedfmError(f"torchrun with {group.world} processes is not supported with {reason}")
+    else:
+        n = resolve_workers(cfg, device)
+        if n <= 1:
+            return None
+        group = fork_workers(n)
+    torch.set_num_threads(cfg.threads or 1)  # one compute thread per worker unless threads= says otherwise
+    return group
+
+
+def is_main_process() -> bool:
+    """False in torchrun's processes other than rank 0 (they write nothing to the run folder)."""
+    return int(os.environ.get("RANK", "0")) == 0
