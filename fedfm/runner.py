@@ -49,7 +49,7 @@ from fedfm.runtime.compose import build_dp_sgd, build_server
 from fedfm.runtime.devices import Fleet, check_devices, training_footprint_mb
 from fedfm.runtime.hetlora import HetRankTrainer
 from fedfm.runtime.simulation import Simulation
-from fedfm.runtime.workers import is_main_process, start_workers
+from fedfm.runtime.workers import cores, is_main_process, start_workers
 
 log = logging.getLogger("fedfm")
 
@@ -332,6 +332,8 @@ def run_rounds(cfg, sim, server, dp_sgd, clients, out, main, kept, start_round, 
             if dp_sgd is not None:
                 record.update(dp_sgd.round_record())  # dp_sgd_epsilon: the largest client epsilon so far
             last = rnd == rounds or not server.budget_allows_next_round() or (dp_sgd is not None and dp_sgd.exhausted())
+            if main and last and sim.group is not None:  # the other workers are done: evaluate on every core
+                torch.set_num_threads(cfg.threads or cores())
             if main and ((cfg.eval.every > 0 and rnd % cfg.eval.every == 0) or last):
                 do_eval(record)
             record["wall_s"] = time.perf_counter() - t_start

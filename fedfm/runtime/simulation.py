@@ -218,6 +218,8 @@ class Simulation:
             if on_client is not None:
                 on_client(cid)
         if self.group is not None:  # all-reduce the partial folds, gather what the others saw
+            log.debug("round %d: worker %d trained %d clients in %.2f s", round_idx, self.group.rank, len(mine),
+                      time.perf_counter() - t0)
             self._merge_workers(tally, mine)
         secagg_stats = {}
         if secure is not None:
