@@ -45,6 +45,7 @@ from fedfm.robustness.poison import check_poisoning, prepare_poisoning
 from fedfm.runtime import checkpoint
 from fedfm.runtime.client import Client, LocalTrainer
 from fedfm.runtime.asynchronous import AsyncEngine
+from fedfm.runtime.batched import BatchedTrainer, check_batching
 from fedfm.runtime.compose import build_dp_sgd, build_server
 from fedfm.runtime.devices import Fleet, check_devices, training_footprint_mb
 from fedfm.runtime.hetlora import HetRankTrainer
@@ -168,6 +169,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     check_personalization(cfg)  # one-line errors for combinations personalization cannot serve
     check_compression(cfg)  # e.g. upload codecs with secure aggregation
     check_devices(cfg)  # device profiles, HetLoRA ranks, asynchronous training
+    check_batching(cfg)  # train.batch_clients
     if resume is not None and cfg.asynchronous.enabled:
         raise FedfmError("--resume does not support asynchronous runs yet (clients in flight are not checkpointed)")
     if cfg.continual.enabled:  # data arrives in stages: the always-on loop of fedfm.continual
@@ -200,6 +202,8 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     full_rank = cfg.model.lora.r if any(p.lora_rank is not None for p in cfg.devices.profiles) else None
     if full_rank is not None:  # HetLoRA: each client trains and uploads only its own rank
         trainer = HetRankTrainer(trainer, fleet.rank, full_rank)
+    if cfg.train.batch_clients > 1:  # several clients per forward/backward (fedfm.runtime.batched)
+        trainer = BatchedTrainer(trainer, cfg.train.batch_clients)
     plan = build_plan(cfg.personalization, fm)  # personal tensors that never leave the clients, or None
     if plan is not None:
         trainer = PersonalTrainer(trainer, plan)

@@ -149,6 +149,9 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adamw"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(None, gt=0)
+    # Clients trained together in one batched (vmapped) forward/backward over the frozen base
+    # (fedfm.runtime.batched); 1: one after another.
+    batch_clients: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":

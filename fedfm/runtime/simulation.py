@@ -170,6 +170,9 @@ class Simulation:
         deadline = self.fleet.cfg.deadline_s if self.virtual else None
         order = [c for c in cohort if c not in self.malicious] + bad  # honest clients first
         mine = order if self.group is None else self.group.share(order, self.steps_of)  # this worker's clients
+        if hasattr(self.trainer, "schedule"):  # batched local training: the clients that will train, in order
+            self.trainer.schedule([self.clients[c] for c in mine if c not in vanished
+                               and not (self.virtual and self.fleet.drop_point(c, round_idx) is not None)])
         for cid in mine:
             client = self.clients[cid]
             self._record(tally, cid, "down", len(down), down_raw)
