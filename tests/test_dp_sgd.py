@@ -26,6 +26,7 @@ from fedfm.privacy.dp_sgd import (
     PerExampleGradients,
     SampleLevelAccountant,
     calibrate_noise_multiplier,
+    calibrate_per_client,
     epsilon_for,
     poisson_sample,
     sampling_rate,
@@ -203,6 +204,38 @@ def test_calibration_puts_the_worst_client_at_the_target():
     eps = [epsilon_for(sigma, q, d, t) for q, d, t in plans]
     assert max(eps) <= 4.0 and max(eps) == pytest.approx(4.0, rel=2e-3)
     assert eps[1] == max(eps)  # q = 1 is the worst at equal steps
+
+
+def test_per_client_calibration_puts_every_client_at_the_target_and_the_worst_at_the_shared_sigma():
+    plans = {0: (0.16, 1e-5, 32), 1: (1.0, 1e-5, 32), 2: (0.04, 1e-5, 32), 3: (0.5, 1e-5, 8), 4: (0.04, 1e-5, 32)}
+    sigma = calibrate_per_client(4.0, plans)
+    for cid, (q, d, t) in plans.items():
+        assert epsilon_for(sigma[cid], q, d, t) == pytest.approx(4.0, rel=2e-3), cid
+    assert sigma[2] == sigma[4] and sigma[2] < sigma[0] < sigma[1]  # more amplification, less noise
+    assert max(sigma.values()) == pytest.approx(calibrate_noise_multiplier(4.0, list(plans.values())), rel=1e-6)
+    acc = SampleLevelAccountant(sigma, {c: 100 for c in plans}, batch_size=4)
+    acc.step(2, 32)
+    assert acc.noise_multiplier == max(sigma.values())
+    restored = SampleLevelAccountant(0.0, {0: 1}, 1)
+    restored.load_state_dict(acc.state_dict())
+    assert restored.sigma == acc.sigma and restored.epsilon(2) == acc.epsilon(2)
+
+
+def test_a_session_adds_noise_of_its_own_clients_sigma():
+    fm, enc = tiny()
+    n, C = len(TEXTS), 0.5
+    acc = SampleLevelAccountant({0: 0.0, 1: 3.0}, {0: n, 1: n}, batch_size=4)
+    dp = LocalDPSGD(fm, enc, acc, max_grad_norm=C, engine="loop")
+    quiet = [dp.session(0, np.arange(n), 1, seed=s) for s in range(2)]
+    loud = [dp.session(1, np.arange(n), 1, seed=s) for s in range(2)]
+    grads = []
+    for sessions in (quiet, loud):
+        for sess in sessions:
+            sess.step()
+            grads.append(torch.cat([p.grad.flatten() for p in fm.params.values()]).clone())
+    # same seed, same Poisson batch: the difference is client 1's noise alone, std 3 C / (q n) = 3 C / 4
+    noise = torch.cat([grads[2] - grads[0], grads[3] - grads[1]])
+    assert float(noise.std()) == pytest.approx(3.0 * C / 4, rel=0.15)
 
 
 def test_a_client_past_its_budget_sits_out(caplog):

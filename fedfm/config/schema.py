@@ -235,6 +235,9 @@ class DPSGDConfig(GaussianDPConfig):
     _name = "dp_sgd"
 
     max_grad_norm: float = Field(1.0, gt=0)  # C: every example's gradient is clipped to this L2 norm
+    # per_client: each client calibrates its own sigma_i from target_epsilon, its sampling rate and planned
+    # steps (a larger silo needs less noise); shared: one sigma for all, set by the most exposed client
+    noise: Literal["per_client", "shared"] = "per_client"
 
 
 class PrivacyConfig(Section):

@@ -150,30 +150,57 @@ def calibrate_noise_multiplier(
     return sigma
 
 
+def calibrate_per_client(
+    target_epsilon: float, plans: Mapping[int, tuple[float, float, int]], kind: str = "rdp"
+) -> dict[int, float]:
+    """Each client's own smallest σ_i with ε(σ_i, q_i, δ_i, T_i) ≤ target (clients with equal plans share one).
+
+    A silo with more examples samples a smaller fraction per step (privacy
+    amplification by subsampling) and so needs less noise; the largest σ_i is
+    the single σ of :func:`calibrate_noise_multiplier`.
+    """
+    cache: dict[tuple[float, float, int], float] = {}
+    out = {}
+    for cid, plan in plans.items():
+        if plan not in cache:
+            cache[plan] = calibrate_noise_multiplier(target_epsilon, [plan], kind) if plan[2] > 0 else 0.0
+        out[cid] = cache[plan]
+    return out
+
+
 class SampleLevelAccountant:
     """Per-client sample-level (ε, δ) of local DP-SGD.
 
     Client ``i`` has sampling rate ``q_i = min(1, B / n_i)``, its own ``δ_i``
     (given, or :func:`default_delta`) and a step count ``T_i`` over all rounds;
-    ``epsilon(i) = ε(σ, q_i, δ_i, T_i)``. Holds only counts and parameters
+    ``epsilon(i) = ε(σ_i, q_i, δ_i, T_i)``; ``noise_multiplier`` is one σ for
+    every client or a map ``{client: σ_i}``. Holds only counts and parameters
     (``state_dict`` is JSON-able).
     """
 
     def __init__(
         self,
-        noise_multiplier: float,
+        noise_multiplier: float | Mapping[int, float],
         sizes: Mapping[int, int],
         batch_size: int,
         delta: float | None = None,
         kind: str = "rdp",
     ) -> None:
-        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+        if isinstance(noise_multiplier, Mapping):
+            sigma = {int(c): float(s) for c, s in noise_multiplier.items()}
+        else:
+            sigma = {int(c): float(noise_multiplier) for c in sizes}
+        for s in sigma.values():
+            if not (s >= 0 and math.isfinite(s)):
+                raise ValueError(f"noise_multiplier must be a finite number >= 0, got {s}")
+        if set(sigma) != {int(c) for c in sizes}:
+            raise ValueError("noise_multiplier: one sigma per client is needed")
         if kind not in KINDS:
             raise ValueError(f"accountant kind must be one of {KINDS}, got {kind!r}")
         if delta is not None and not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
-        self.noise_multiplier = float(noise_multiplier)
+        self.sigma = sigma  # σ_i per client
+        self.noise_multiplier = max(sigma.values(), default=0.0)  # the largest σ_i
         self.kind = kind
         self.batch_size = int(batch_size)
         self.sizes = {int(c): int(n) for c, n in sizes.items()}
@@ -186,7 +213,7 @@ class SampleLevelAccountant:
     def epsilon(self, cid: int, steps: int | None = None) -> float:
         """ε of client ``cid`` after its steps so far (or after ``steps`` steps)."""
         t = self.steps[cid] if steps is None else int(steps)
-        return epsilon_for(self.noise_multiplier, self.q[cid], self.delta[cid], t, self.kind)
+        return epsilon_for(self.sigma[cid], self.q[cid], self.delta[cid], t, self.kind)
 
     def step(self, cid: int, n: int = 1) -> None:
         if n < 0:
@@ -207,7 +234,7 @@ class SampleLevelAccountant:
 
     def state_dict(self) -> dict:
         return {
-            "noise_multiplier": self.noise_multiplier,
+            "noise_multiplier": {str(c): s for c, s in self.sigma.items()},
             "kind": self.kind,
             "batch_size": self.batch_size,
             "sizes": {str(c): n for c, n in self.sizes.items()},
@@ -218,7 +245,10 @@ class SampleLevelAccountant:
 
     def load_state_dict(self, state: dict) -> None:
         sizes = {int(c): int(n) for c, n in state["sizes"].items()}
-        self.__init__(state["noise_multiplier"], sizes, state["batch_size"], state["delta"], state["kind"])
+        sigma = state["noise_multiplier"]
+        if isinstance(sigma, Mapping):
+            sigma = {int(c): float(s) for c, s in sigma.items()}
+        self.__init__(sigma, sizes, state["batch_size"], state["delta"], state["kind"])
         self.steps = {int(c): int(t) for c, t in state["steps"].items()}
         self.participations = {int(c): int(t) for c, t in state["participations"].items()}
 
@@ -439,7 +469,8 @@ class LocalDPSGD:
             "epsilon_mean": acc.epsilon_mean(),
             "delta": max(acc.delta.values()),  # the weakest client's (all equal unless derived per client)
             "delta_rule": "given" if acc.delta_given is not None else "min(1e-5, 1/n_i)",
-            "noise_multiplier": acc.noise_multiplier,
+            "noise_multiplier": acc.noise_multiplier,  # the largest σ_i
+            "noise_multiplier_min": min(acc.sigma.values(), default=0.0),
             "max_grad_norm": self.max_grad_norm,
             "target_epsilon": self.target_epsilon,
             "planned_participations": self.planned_participations,
@@ -453,6 +484,7 @@ class LocalDPSGD:
             "per_client": {
                 str(c): {
                     "epsilon": acc.epsilon(c),
+                    "noise_multiplier": acc.sigma[c],
                     "delta": acc.delta[c],
                     "sampling_rate": acc.q[c],
                     "steps": acc.steps[c],
@@ -497,7 +529,7 @@ class DPSGDSession:
         else:
             sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
             loss_sum = torch.zeros((), device=params[0].device)
-        std = o.noise_multiplier * C
+        std = o.accountant.sigma[self.cid] * C
         for p, s in zip(params, sums):
             if std > 0:
                 noise = torch.normal(0.0, std, size=tuple(p.shape), generator=self.noise_gen)

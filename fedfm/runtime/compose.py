@@ -18,7 +18,14 @@ from fedfm.data.encode import steps_for
 from fedfm.errors import FedfmError
 from fedfm.privacy.accountant import PrivacyAccountant, noise_multiplier_for
 from fedfm.privacy.client_dp import with_client_dp
-from fedfm.privacy.dp_sgd import LocalDPSGD, SampleLevelAccountant, calibrate_noise_multiplier, default_delta, sampling_rate
+from fedfm.privacy.dp_sgd import (
+    LocalDPSGD,
+    SampleLevelAccountant,
+    calibrate_noise_multiplier,
+    calibrate_per_client,
+    default_delta,
+    sampling_rate,
+)
 from fedfm.robustness.aggregators import ServerUpdate, build_robust_fold, cohort_requirement
 from fedfm.runtime.client import Client, LocalTrainer
 
@@ -171,9 +178,10 @@ def build_dp_sgd(cfg: RunConfig, fm, enc, clients) -> LocalDPSGD | None:
     Without ``noise_multiplier``, σ is calibrated so that every client ends
     within ``target_epsilon`` after its *planned* participations
     ``P = ceil(rounds · clients_per_round / num_clients)`` (the expected number,
-    rounded up) of ``K_i`` local steps each at ``q_i = min(1, B / n_i)``: the
-    client with the most expected steps at the largest ``q`` lands at the
-    target, the others below it. A client sampled more often than planned sits
+    rounded up) of ``K_i`` local steps each at ``q_i = min(1, B / n_i)``. With
+    ``noise: per_client`` (the default) each client gets its own σ_i and lands at
+    the target; with ``noise: shared`` one σ serves all: the client with the
+    most expected steps at the largest ``q`` lands at the target, the others below it. A client sampled more often than planned sits
     out once its next participation would pass the target (with both
     ``noise_multiplier`` and ``target_epsilon`` given, that check alone holds
     the budget); the run stops when no client can train again.
@@ -197,12 +205,15 @@ def build_dp_sgd(cfg: RunConfig, fm, enc, clients) -> LocalDPSGD | None:
     if sigma is None:
         f = cfg.federation
         planned = math.ceil(f.rounds * f.clients_per_round / len(sizes) - 1e-9)
-        plans = [
-            (sampling_rate(tc.batch_size, n), d.delta if d.delta is not None else default_delta(n), planned * steps[cid])
+        plans = {
+            cid: (sampling_rate(tc.batch_size, n), d.delta if d.delta is not None else default_delta(n), planned * steps[cid])
             for cid, n in sizes.items()
-        ]
+        }
         try:
-            sigma = calibrate_noise_multiplier(d.target_epsilon, plans, d.accountant)
+            if d.noise == "per_client":
+                sigma = calibrate_per_client(d.target_epsilon, plans, d.accountant)
+            else:
+                sigma = calibrate_noise_multiplier(d.target_epsilon, list(plans.values()), d.accountant)
         except ValueError as err:
             raise FedfmError(f"privacy.dp_sgd: {err}") from None
     accountant = SampleLevelAccountant(sigma, sizes, tc.batch_size, d.delta, d.accountant)
@@ -211,6 +222,6 @@ def build_dp_sgd(cfg: RunConfig, fm, enc, clients) -> LocalDPSGD | None:
     if dp.exhausted():
         raise FedfmError(
             f"privacy.dp_sgd: target_epsilon={d.target_epsilon} is below the epsilon of one participation "
-            f"of every client (noise_multiplier={sigma:g})"
+            f"of every client (noise_multiplier={accountant.noise_multiplier:g})"
         )
     return dp
