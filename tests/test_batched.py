@@ -9,13 +9,13 @@ from fedfm.algorithms.base import Broadcast
 from fedfm.algorithms.fedavg import FedAvg
 from fedfm.algorithms.fedprox import FedProx
 from fedfm.config.schema import ModelConfig, TrainConfig
-from fedfm.data.encode import Encoded
 from fedfm.errors import FedfmError
 from fedfm.models import build_model
 from fedfm.models.state import get_state
 from fedfm.runtime.batched import BatchedTrainer, additive_mask
 from fedfm.runtime.client import Client, LocalTrainer
 
+from tables import random_table
 from test_end_to_end import tiny_cls_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,13 +28,8 @@ def no_dropout(fm):
     return fm
 
 
-def table(n=60, width=12, labels=3, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 3000, (n, width), generator=g)
-    lengths = torch.randint(3, width + 1, (n,), generator=g)
-    mask = (torch.arange(width)[None, :] < lengths[:, None]).to(torch.int64)
-    return Encoded(input_ids=ids * mask, attention_mask=mask, lengths=lengths,
-                   labels=torch.randint(0, labels, (n,), generator=g))
+def table():
+    return random_table(60, seed=5, min_length=3)
 
 
 # sizes 9, 3 and 14 with batch 4: uneven last batches and a client smaller than one batch

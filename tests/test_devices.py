@@ -10,7 +10,6 @@ import fedfm
 from fedfm.algorithms.base import Broadcast, Update
 from fedfm.algorithms.fedavg import FedAvg
 from fedfm.config.schema import DeviceProfile, DevicesConfig, LoraConfig, ModelConfig, TrainConfig
-from fedfm.data.encode import Encoded
 from fedfm.errors import FedfmError
 from fedfm.models import build_model
 from fedfm.models.state import get_state
@@ -19,6 +18,7 @@ from fedfm.runtime.client import Client, LocalTrainer
 from fedfm.runtime.devices import Fleet, assign_profiles
 from fedfm.runtime.simulation import Simulation
 
+from tables import random_table
 from test_end_to_end import tiny_cls_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,13 +142,7 @@ def test_truncate_pad_and_zero_beyond_touch_only_the_rank_axis():
 
 @pytest.fixture(scope="module")
 def enc():
-    g = torch.Generator().manual_seed(11)
-    n, width = 40, 12
-    ids = torch.randint(1000, 3000, (n, width), generator=g)
-    lengths = torch.randint(4, width + 1, (n,), generator=g)
-    mask = (torch.arange(width)[None, :] < lengths[:, None]).to(torch.int64)
-    return Encoded(input_ids=ids * mask, attention_mask=mask, lengths=lengths,
-                   labels=torch.randint(0, 3, (n,), generator=g))
+    return random_table(40, seed=11)
 
 
 def lora_model(r, alpha):

@@ -11,7 +11,7 @@ import torch
 from fedfm.algorithms.fedavg import FedAvg
 from fedfm.config import load_config
 from fedfm.config.schema import ModelConfig, PersonalizationConfig, TrainConfig
-from fedfm.data.encode import Encoded, batch_indices, make_batch
+from fedfm.data.encode import batch_indices, make_batch
 from fedfm.errors import ConfigError, FedfmError
 from fedfm.eval.personal import evaluate_personalized
 from fedfm.models import build_model
@@ -22,6 +22,8 @@ from fedfm.personalization.trainer import DITTO_TAG, HEAD_TAG
 from fedfm.runtime import simulation as simulation_module
 from fedfm.runtime.client import Client, LocalTrainer, derive_seed
 from fedfm.runtime.simulation import Simulation
+
+from tables import random_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,13 +49,7 @@ def model(fm, initial):
 
 @pytest.fixture(scope="module")
 def enc():
-    g = torch.Generator().manual_seed(7)
-    n, width = 48, 12
-    ids = torch.randint(1000, 3000, (n, width), generator=g)
-    lengths = torch.randint(4, width + 1, (n,), generator=g)
-    mask = (torch.arange(width)[None, :] < lengths[:, None]).to(torch.int64)
-    return Encoded(input_ids=ids * mask, attention_mask=mask, lengths=lengths,
-                   labels=torch.randint(0, NUM_LABELS, (n,), generator=g))
+    return random_table(48, labels=NUM_LABELS, seed=7)
 
 
 def make_clients(k=2, n_train=10, n_test=6):
