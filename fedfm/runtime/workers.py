@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from collections import OrderedDict
@@ -112,11 +113,13 @@ def assign(order: Sequence[int], cost: Callable[[int], float], world: int) -> li
 class WorkerGroup:
     """This process's place in the group of simulation workers (a gloo process group)."""
 
-    def __init__(self, rank: int, world: int, children: list[int] | None = None, forked: bool = False) -> None:
+    def __init__(self, rank: int, world: int, children: list[int] | None = None, forked: bool = False,
+                 store_dir: str | None = None) -> None:
         self.rank = rank
         self.world = world
         self.children = children or []  # pids of forked workers (worker 0 only)
         self.forked = forked
+        self.store_dir = store_dir  # the rendezvous file's folder (forked groups; removed by worker 0)
 
     @property
     def main(self) -> bool:
@@ -166,6 +169,11 @@ class WorkerGroup:
             if code != 0:
                 raise FedfmError(f"simulation worker (pid {pid}) exited with code {code}")
         self.children = []
+        self._remove_store()
+
+    def _remove_store(self) -> None:
+        if self.store_dir is not None and self.main:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def fail(self) -> None:
         """The run failed in this process: a forked worker exits (code 1); the main process stops its workers."""
@@ -181,6 +189,7 @@ class WorkerGroup:
         self.children = []
         if dist.is_initialized():
             dist.destroy_process_group()
+        self._remove_store()
 
 
 def from_torchrun() -> WorkerGroup | None:
@@ -200,7 +209,8 @@ def fork_workers(world: int) -> WorkerGroup:
     pages with the parent until someone writes them (the frozen base never is).
     A child must leave through :func:`finish_worker`, never by returning.
     """
-    store = os.path.join(tempfile.mkdtemp(prefix="fedfm-workers-"), "store")
+    folder = tempfile.mkdtemp(prefix="fedfm-workers-")
+    store = os.path.join(folder, "store")
     children = []
     for rank in range(1, world):
         pid = os.fork()
@@ -208,10 +218,10 @@ def fork_workers(world: int) -> WorkerGroup:
             torch.set_num_threads(1)
             dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                     timeout=TIMEOUT)
-            return WorkerGroup(rank, world, forked=True)
+            return WorkerGroup(rank, world, forked=True, store_dir=folder)
         children.append(pid)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=world, timeout=TIMEOUT)
-    return WorkerGroup(0, world, children=children, forked=True)
+    return WorkerGroup(0, world, children=children, forked=True, store_dir=folder)
 
 
 def finish_worker(group: WorkerGroup, code: int) -> None:
