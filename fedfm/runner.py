@@ -216,17 +216,18 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
         trainer, algorithm, clients, cfg.federation.clients_per_round, cfg.seed, initial_state, attack=attack,
         secure=cfg.privacy.secure_aggregation, compressor=make_compressor(cfg), fleet=fleet, full_rank=full_rank,
     )
+    sim.ema_decay = cfg.algorithm.ema_decay
     if cfg.asynchronous.enabled:  # each "round" is one buffered server step on the virtual clock
         sim.asynchronous = AsyncEngine(sim, cfg.asynchronous)
 
     def do_eval(record: dict) -> None:
-        set_state_(fm.params, sim.global_state if plan is None else plan.global_model(sim.global_state))
+        set_state_(fm.params, sim.released_state if plan is None else plan.global_model(sim.released_state))
         metrics = evaluate(fm, enc, test_idx, clients, cfg.eval.batch_size, per_client=cfg.eval.clients)
         record.update(metrics)
         if backdoor_rows is not None:
             record["backdoor_success_rate"] = backdoor_success(fm, enc, backdoor_rows, cfg.eval.batch_size)
         if plan is not None and cfg.eval.clients:  # each client's own model on its local test split
-            record.update(evaluate_personalized(fm, enc, clients, plan, sim.global_state, cfg.eval.batch_size))
+            record.update(evaluate_personalized(fm, enc, clients, plan, sim.released_state, cfg.eval.batch_size))
 
     ckpt = checkpoint.Checkpointer(out, cfg.checkpoint.every, cfg.checkpoint.keep)
     start_round, kept = 1, None
@@ -254,7 +255,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
         if not main:
             return {}
 
-    final_state = sim.global_state if plan is None else plan.global_model(sim.global_state)  # + initial personal
+    final_state = sim.released_state if plan is None else plan.global_model(sim.released_state)  # + initial personal
     set_state_(fm.params, final_state)
     meta = {
         "model": base_name(cfg.model),
@@ -329,6 +330,7 @@ def run_rounds(cfg, sim, server, dp_sgd, clients, out, main, kept, start_round, 
                 progress.print(f"  stopped before round {rnd}: {stop_reason}")
                 break
             record = sim.run_round(rnd, on_client=progress.client_done)
+            sim.update_ema()  # algorithm.ema_decay: the released model averages the versions
             if server.accountant is not None and "aborted" not in record:  # an aborted round releases nothing
                 server.accountant.step()
             record.update(server.privacy_record())

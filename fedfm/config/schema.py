@@ -133,6 +133,9 @@ class AlgorithmConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1)  # FedAdam / FedYogi / FedAdagrad first moment
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)  # adaptivity (epsilon) of FedOpt, Reddi et al. 2021
+    # > 0: evaluate and release an exponential moving average of the global versions (clients still
+    # train from the newest); post-processing, so free under DP (De et al. 2022)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _diloco_outer_lr(self) -> "AlgorithmConfig":

@@ -229,6 +229,8 @@ class Checkpointer:
         tensors: dict[str, torch.Tensor] = {}
         orders: dict[str, list[str]] = {}
         _put(tensors, orders, "global", sim.global_state)
+        if getattr(sim, "ema_state", None) is not None:
+            _put(tensors, orders, "ema", sim.ema_state)
         meta = {
             "format": FORMAT,
             "round": int(round_idx),
@@ -243,6 +245,7 @@ class Checkpointer:
             "uploads": getattr(sim, "uploads", None),  # update payloads sent (compression factor)
             "rejected": list(sim.rejected),
             "clock": float(getattr(sim, "clock", 0.0)),  # virtual seconds (device profiles)
+            "ema_version": int(getattr(sim, "ema_version", 0)),
             "accountant": None if server.accountant is None else server.accountant.state_dict(),
             "dp_sgd": None
             if dp_sgd is None
@@ -315,6 +318,8 @@ def restore(meta: dict, tensors, sim, server, clients, dp_sgd=None) -> None:
         sim.ledger.per_client[int(c)] = {k: int(n) for k, n in v.items()}
     sim.rejected = list(meta["rejected"])
     sim.clock = float(meta.get("clock", 0.0))
+    sim.ema_version = int(meta.get("ema_version", 0))
+    sim.ema_state = _get(tensors, orders, "ema") if "ema" in orders else None
     if (meta["accountant"] is None) != (server.accountant is None):
         raise FedfmError("checkpoint and config disagree on privacy.client_dp")
     if server.accountant is not None:
