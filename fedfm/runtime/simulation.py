@@ -254,10 +254,10 @@ class Simulation:
             log.debug("round %d: worker %d trained %d clients in %.2f s", round_idx, self.group.rank, len(mine),
                       time.perf_counter() - t0)
             self._merge_workers(tally, mine)
-        secagg_stats = {}
+        round_stats = {}
         if secure is not None:
             try:
-                secagg_stats = secure.finish()
+                round_stats = secure.finish()
             except SecAggAbort as err:
                 return self._aborted(round_idx, cohort, err, t0)
         self.global_state = algo.finish()
@@ -265,7 +265,7 @@ class Simulation:
         if self.virtual:  # the round lasts until its last arrival (or drop-out, or the deadline)
             round_virtual = max(tally.times, default=0.0)
             self.clock += round_virtual
-            secagg_stats.update(virtual_s=self.clock, round_virtual_s=round_virtual, dropped=len(tally.dropped),
+            round_stats.update(virtual_s=self.clock, round_virtual_s=round_virtual, dropped=len(tally.dropped),
                                 late=len(tally.late))
         record = {
             "round": round_idx,
@@ -274,7 +274,7 @@ class Simulation:
             "accepted": tally.accepted,
             "malicious": len(bad),
             "train_loss": tally.train_loss(),
-            **secagg_stats,
+            **round_stats,
             **self.ledger.snapshot(),
             "round_s": time.perf_counter() - t0,
         }
