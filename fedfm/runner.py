@@ -43,9 +43,9 @@ from fedfm.personalization import PersonalTrainer, build_plan, check_personaliza
 from fedfm.robustness.attacks import Attack
 from fedfm.robustness.poison import check_poisoning, prepare_poisoning
 from fedfm.runtime import checkpoint
-from fedfm.runtime.client import Client, LocalTrainer
 from fedfm.runtime.asynchronous import AsyncEngine
 from fedfm.runtime.batched import BatchedTrainer, check_batching
+from fedfm.runtime.client import Client, LocalTrainer
 from fedfm.runtime.compose import build_dp_sgd, build_server
 from fedfm.runtime.devices import Fleet, check_devices, training_footprint_mb
 from fedfm.runtime.hetlora import HetRankTrainer
