@@ -273,6 +273,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     plot_metrics(metrics_log.records, out / "metrics.png", cfg.model.task)
     summary = make_summary(cfg, metrics_log.records, sim, trainable, total, time.perf_counter() - t_start, out)
     summary["device"] = str(device)
+    summary["workers"] = 1 if group is None else group.world  # simulation processes (fedfm.runtime.workers)
     if plan is not None:
         summary["personalization"] = personal_summary(plan, clients, metrics_log.records, cfg.model.task)
     if device.type == "cuda":

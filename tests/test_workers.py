@@ -98,6 +98,7 @@ def test_two_gloo_workers_end_with_the_same_model_as_one_process(tmp_path, extra
         assert a.get("accepted") == b.get("accepted") and a.get("virtual_s") == b.get("virtual_s")
         assert a.get("train_loss", 0) == pytest.approx(b.get("train_loss", 0), rel=1e-5, nan_ok=True)
     assert s1["final_accuracy"] == s2["final_accuracy"]
+    assert (s1["workers"], s2["workers"]) == (1, 2)
 
 
 def test_torchrun_splits_the_cohort_and_rank_zero_writes_the_run(tmp_path):
