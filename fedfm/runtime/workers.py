@@ -154,6 +154,9 @@ class WorkerGroup:
         dist.all_gather(bufs, buf)
         return [bytes(b[: int(s.item())].numpy().tobytes()) for b, s in zip(bufs, sizes)]
 
+    def barrier(self) -> None:
+        dist.barrier()
+
     def gather_json(self, obj) -> list:
         return [json.loads(b) for b in self.gather_bytes(json.dumps(obj).encode())]
 
