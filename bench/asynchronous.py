@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sweep import ROOT, run_one
+from sweep import ROOT, add_run_args, run_one
 
 CONFIG = str(ROOT / "examples" / "async.yaml")
 MODES = {
@@ -63,11 +63,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["sync", "fedbuff"], choices=list(MODES))
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--eval-every", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
-    ap.add_argument("--force", action="store_true")
+    add_run_args(ap)
     args = ap.parse_args()
     out, t0 = Path(args.out), time.perf_counter()
     common = [f"eval.every={args.eval_every}", f"seed={args.seed}", f"threads={args.threads}", *args.set]

@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sweep import run_one
+from sweep import add_run_args, run_one
 
 CODECS = {
     "none": [],
@@ -111,11 +111,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-compression")
     ap.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
     ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
-    ap.add_argument("--force", action="store_true", help="rerun finished runs")
+    add_run_args(ap)
     args = ap.parse_args()
     out = Path(args.out)
     t0 = time.perf_counter()

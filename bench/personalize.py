@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sweep import run_one
+from sweep import add_run_args, run_one
 
 # The default job, on a Dirichlet(0.1) split, sized to finish in minutes on two busy CPU cores:
 # 10 clients, 5 per round, 8 rounds (each client trains about 4 times, 8 local steps each).
@@ -110,11 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-personalize")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
-    ap.add_argument("--force", action="store_true", help="rerun finished runs")
+    add_run_args(ap)
     args = ap.parse_args()
     out = Path(args.out)
     t0 = time.perf_counter()

@@ -74,3 +74,12 @@ def same_config(saved: Path, config: str | None, overrides: list[str]) -> bool:
         old.pop(k, None)
         new.pop(k, None)
     return old == new
+
+
+def add_run_args(ap) -> None:
+    """The options every multi-run benchmark shares: seed, parallel jobs, threads, overrides, --force."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (subprocesses)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
+    ap.add_argument("--force", action="store_true", help="rerun finished runs")

@@ -158,6 +158,18 @@ def start_run(cfg: RunConfig):
     return device, out, t_start, ds
 
 
+def state_metadata(cfg: RunConfig, num_labels: int | None, label_names, version: int) -> dict[str, str]:
+    """The safetensors metadata of a run's final state: what base, task and labels it belongs to."""
+    return {
+        "model": base_name(cfg.model),
+        "task": cfg.model.task,
+        "method": cfg.model.method,
+        "num_labels": str(num_labels or 0),
+        "label_names": json.dumps(label_names or []),
+        "version": str(version),
+    }
+
+
 def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -> dict:
     """Run one federated job and return its summary (also written to summary.json).
 
@@ -258,14 +270,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
 
     final_state = sim.released_state if plan is None else plan.global_model(sim.released_state)  # + initial personal
     set_state_(fm.params, final_state)
-    meta = {
-        "model": base_name(cfg.model),
-        "task": cfg.model.task,
-        "method": cfg.model.method,
-        "num_labels": str(num_labels or 0),
-        "label_names": json.dumps(ds.label_names or []),
-        "version": str(sim.version),
-    }
+    meta = state_metadata(cfg, num_labels, ds.label_names, sim.version)
     if plan is not None:
         meta["personal_tensors_initial"] = json.dumps(list(plan.personal_keys))  # clients keep their own
     save_state(final_state, out / "final_state.safetensors", metadata=meta)

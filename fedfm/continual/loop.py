@@ -42,7 +42,6 @@ from fedfm.data.encode import encode
 from fedfm.errors import FedfmError
 from fedfm.eval.report import MetricsLog, write_json
 from fedfm.models import build_model
-from fedfm.models.chain import base_name
 from fedfm.models.state import get_state, save_state, set_state_, state_to_bytes
 from fedfm.runtime.client import Client, LocalTrainer, derive_seed
 from fedfm.runtime.compose import build_server
@@ -106,7 +105,7 @@ def clone(state) -> "OrderedDict[str, torch.Tensor]":
 def run_continual(cfg: RunConfig, console=None) -> dict:
     """Run a federated continual-learning job; returns its summary (also written to summary.json)."""
     from fedfm.progress import RunProgress
-    from fedfm.runner import build_clients, make_summary, split_holdout, start_run
+    from fedfm.runner import build_clients, make_summary, split_holdout, start_run, state_metadata
 
     check_supported(cfg)
     cc = cfg.continual
@@ -199,15 +198,7 @@ def run_continual(cfg: RunConfig, console=None) -> dict:
     metrics_log.close()
 
     set_state_(fm.params, sim.global_state)
-    meta = {
-        "model": base_name(cfg.model),
-        "task": cfg.model.task,
-        "method": cfg.model.method,
-        "num_labels": str(num_labels or 0),
-        "label_names": json.dumps(ds.label_names or []),
-        "version": str(sim.version),
-        "continual_stages": json.dumps(plan.names),
-    }
+    meta = {**state_metadata(cfg, num_labels, ds.label_names, sim.version), "continual_stages": json.dumps(plan.names)}
     save_state(sim.global_state, out / "final_state.safetensors", metadata=meta)
     if cc.per_task_adapters:  # every task's state, keys "task<j>/<name>"
         both = OrderedDict((f"task{j}/{k}", v) for j, s in enumerate(task_states) for k, v in s.items())

@@ -200,13 +200,13 @@ class Simulation:
         deadline = self.fleet.cfg.deadline_s if self.virtual else None
         order = [c for c in cohort if c not in self.malicious] + bad  # honest clients first
         mine = order if self.group is None else self.group.share(order, self.steps_of)  # this worker's clients
+        drops = {c: self.fleet.drop_point(c, round_idx) if self.virtual else None for c in mine}  # mid-round
         if hasattr(self.trainer, "schedule"):  # batched local training: the clients that will train, in order
-            self.trainer.schedule([self.clients[c] for c in mine if c not in vanished
-                               and not (self.virtual and self.fleet.drop_point(c, round_idx) is not None)])
+            self.trainer.schedule([self.clients[c] for c in mine if c not in vanished and drops[c] is None])
         for cid in mine:
             client = self.clients[cid]
             self._record(tally, cid, "down", len(down), down_raw)
-            drop = self.fleet.drop_point(cid, round_idx) if self.virtual else None
+            drop = drops[cid]
             if drop is not None:  # drops out mid-round: the round goes on without it
                 tally.times.append(self.fleet.transfer_s(cid, len(down)) + drop * self.fleet.compute_s(cid, self.steps_of(cid)))
                 tally.dropped.append(cid)

@@ -163,7 +163,7 @@ class WorkerGroup:
     def close(self) -> None:
         """The run is over: a forked worker exits here; the main process reaps its workers."""
         if self.forked and not self.main:
-            finish_worker(self, 0)
+            finish_worker(0)
         if dist.is_initialized():
             dist.destroy_process_group()
         for pid in self.children:
@@ -182,7 +182,7 @@ class WorkerGroup:
         """The run failed in this process: a forked worker exits (code 1); the main process stops its workers."""
         if self.forked and not self.main:
             log.exception("simulation worker %d failed", self.rank)
-            finish_worker(self, 1)
+            finish_worker(1)
         for pid in self.children:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -210,7 +210,7 @@ def fork_workers(world: int) -> WorkerGroup:
 
     Call it once everything read-only is built: the children share those
     pages with the parent until someone writes them (the frozen base never is).
-    A child must leave through :func:`finish_worker`, never by returning.
+    A child leaves through :meth:`WorkerGroup.close` or :meth:`WorkerGroup.fail`, never by returning.
     """
     folder = tempfile.mkdtemp(prefix="fedfm-workers-")
     store = os.path.join(folder, "store")
@@ -227,7 +227,7 @@ def fork_workers(world: int) -> WorkerGroup:
     return WorkerGroup(0, world, children=children, forked=True, store_dir=folder)
 
 
-def finish_worker(group: WorkerGroup, code: int) -> None:
+def finish_worker(code: int) -> None:
     """End a forked worker process without running the parent's exit handlers."""
     try:
         if dist.is_initialized():
