@@ -37,16 +37,17 @@ CLIENTS = [Client(0, np.arange(0, 9), np.arange(0)), Client(1, np.arange(9, 12),
            Client(2, np.arange(20, 34), np.arange(0))]
 
 
-@pytest.mark.parametrize("name, method, task, clip, optimizer", [
-    ("tiny-bert", "lora", "seq_cls", None, "adamw"),
-    ("tiny-bert", "lora", "seq_cls", 0.05, "adamw"),
-    ("tiny-llama", "lora", "causal_lm", None, "adamw"),
+@pytest.mark.parametrize("name, method, task, clip, optimizer, pooling", [
+    ("tiny-bert", "lora", "seq_cls", None, "adamw", "cls"),
+    ("tiny-bert", "lora", "seq_cls", 0.05, "adamw", "cls"),
+    ("tiny-bert", "lora", "seq_cls", None, "adamw", "mean"),  # the mean reads the 4-D additive mask
+    ("tiny-llama", "lora", "causal_lm", None, "adamw", "cls"),
     # full fine-tuning: SGD, because AdamW's first step g / (|g| + eps) turns float noise in the many
     # near-zero gradients of a whole model into visible differences (about 1% of 0.01 on a few entries)
-    ("tiny-bert", "full", "seq_cls", None, "sgd"),
+    ("tiny-bert", "full", "seq_cls", None, "sgd", "cls"),
 ])
-def test_batched_clients_equal_clients_trained_one_after_another(name, method, task, clip, optimizer):
-    fm = no_dropout(build_model(ModelConfig(name=name, method=method, task=task, max_length=16),
+def test_batched_clients_equal_clients_trained_one_after_another(name, method, task, clip, optimizer, pooling):
+    fm = no_dropout(build_model(ModelConfig(name=name, method=method, task=task, max_length=16, pooling=pooling),
                                 3 if task == "seq_cls" else None, seed=0))
     enc = table()
     tc = TrainConfig(local_steps=4, batch_size=4, lr=0.01, max_grad_norm=clip, optimizer=optimizer)

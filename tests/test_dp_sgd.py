@@ -52,8 +52,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
 
 
 
-def tiny(name="tiny-bert", task="seq_cls", method="lora"):
-    cfg = ModelConfig(name=name, task=task, method=method, max_length=16, prompt={"num_virtual_tokens": 4})
+def tiny(name="tiny-bert", task="seq_cls", method="lora", pooling="cls"):
+    cfg = ModelConfig(name=name, task=task, method=method, max_length=16, prompt={"num_virtual_tokens": 4},
+                      pooling=pooling)
     fm = build_model(cfg, 3 if task == "seq_cls" else None, seed=0)
     for m in fm.model.modules():  # deterministic forward passes, so batched == one at a time
         if isinstance(m, torch.nn.Dropout):
@@ -78,16 +79,17 @@ def one_at_a_time(fm, enc, idx):
 
 # -- (a) per-example clipping ---------------------------------------------------------
 @pytest.mark.parametrize(
-    "name, task, method, engine, used",
+    "name, task, method, engine, used, pooling",
     [
-        ("tiny-bert", "seq_cls", "lora", "auto", "hooks"),  # Opacus hooks: LoRA Linear + the head
-        ("tiny-llama", "causal_lm", "lora", "auto", "hooks"),  # per-example loss = mean over its tokens
-        ("tiny-bert", "seq_cls", "prompt", "auto", "loop"),  # peft broadcasts the soft prompt: fallback
-        ("tiny-bert", "seq_cls", "lora", "loop", "loop"),
+        ("tiny-bert", "seq_cls", "lora", "auto", "hooks", "cls"),  # Opacus hooks: LoRA Linear + the head
+        ("tiny-bert", "seq_cls", "lora", "auto", "hooks", "mean"),
+        ("tiny-llama", "causal_lm", "lora", "auto", "hooks", "cls"),  # per-example loss = mean over its tokens
+        ("tiny-bert", "seq_cls", "prompt", "auto", "loop", "cls"),  # peft broadcasts the soft prompt: fallback
+        ("tiny-bert", "seq_cls", "lora", "loop", "loop", "cls"),
     ],
 )
-def test_clipped_sum_equals_a_plain_loop_over_examples(name, task, method, engine, used):
-    fm, enc = tiny(name, task, method)
+def test_clipped_sum_equals_a_plain_loop_over_examples(name, task, method, engine, used, pooling):
+    fm, enc = tiny(name, task, method, pooling)
     idx = torch.tensor([0, 2, 3, 5, 6, 7])
     ref = one_at_a_time(fm, enc, idx)
     norms = [torch.sqrt(sum(g.pow(2).sum() for g in r.values())).item() for r in ref]

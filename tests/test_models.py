@@ -265,6 +265,33 @@ def test_seq_cls_predictions_do_not_depend_on_padding(name, method):
         assert torch.allclose(alone[0], padded[0], atol=1e-5), side
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "full"])
+def test_mean_pooling_feeds_the_head_the_mean_of_real_tokens(method):
+    fm = build_model(cfg(method=method, pooling="mean"), num_labels=3)
+    set_state_(fm.params, random_state(fm.params, seed=2))
+    alone = logits(fm, TEXTS[:1])
+    assert torch.allclose(alone[0], logits(fm, TEXTS)[0], atol=1e-5)  # padding is not averaged in
+    if method in ("lora", "full"):  # by hand: classifier(mean over the mask of the backbone's last hidden states)
+        inner = fm.model.base_model.model if method == "lora" else fm.model
+        b = fm.tokenizer(TEXTS, padding=True, return_tensors="pt")
+        inner.eval()
+        with torch.no_grad():
+            h = inner.bert(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).float()
+            ref = inner.classifier((h * m).sum(1) / m.sum(1))
+        assert torch.allclose(logits(fm), ref, atol=1e-6)
+        pooler = build_model(cfg(method=method), num_labels=3)  # the same state read through the pooler
+        set_state_(pooler.params, random_state(pooler.params, seed=2))
+        assert not torch.allclose(logits(pooler), ref, atol=1e-3)
+
+
+def test_mean_pooling_errors():
+    with pytest.raises(ValueError, match="pooling=mean applies to task seq_cls"):
+        cfg(task="causal_lm", pooling="mean")
+    with pytest.raises(FedfmError, match="pooling=mean needs a BERT-style classifier"):
+        build_model(cfg("tiny-llama", pooling="mean"), num_labels=3)
+
+
 # --------------------------------------------------------------------------- build options
 
 

@@ -70,6 +70,9 @@ class ModelConfig(Section):
     task: Task = "seq_cls"
     method: Method = "lora"
     max_length: int = Field(64, ge=8)
+    # seq_cls on a BERT-style encoder: cls = the pooler over the first token (as transformers ships it);
+    # mean = the mean of the real tokens' last hidden states (sentence-transformers; fedfm.models.pooling)
+    pooling: Literal["cls", "mean"] = "cls"
     lora: LoraConfig = LoraConfig()
     ia3: IA3Config = IA3Config()
     prompt: PromptConfig = PromptConfig()
@@ -83,6 +86,8 @@ class ModelConfig(Section):
     def _scratch_only_for_scratch(self) -> "ModelConfig":
         if self.name != "llama-scratch" and self.scratch != ScratchConfig():
             raise ValueError(f"model.scratch applies to name=llama-scratch, not name={self.name}")
+        if self.pooling != "cls" and self.task != "seq_cls":
+            raise ValueError(f"model.pooling={self.pooling} applies to task seq_cls, not {self.task}")
         return self
 
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from fedfm.config.schema import ModelConfig
 from fedfm.errors import FedfmError
 from fedfm.models.methods import wrap
+from fedfm.models.pooling import install_pooling
 from fedfm.models.registry import ENCODER_TYPES, head_modules, load_base_model, load_tokenizer, resolve
 from fedfm.models.state import load_state, set_state_
 
@@ -148,6 +149,7 @@ def build_model(
         model.config.pad_token_id = tokenizer.pad_token_id
         _check_length(cfg, model.config)
         heads = head_modules(model) if cfg.task == "seq_cls" else []
+        install_pooling(model, cfg.pooling)
         model = wrap(model, cfg, cfg.task, source.tokenizer_path)
     model.to(device).train()
     params = trainable_params(model)
