@@ -177,18 +177,14 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     the run's own config.yaml (fedfm.runtime.checkpoint).
     """
     cfg = resolve_config(config, overrides) if resume is None else checkpoint.resume_config(resume, config, overrides)
-    if resume is not None and cfg.continual.enabled:
-        raise FedfmError("--resume does not support continual runs yet (continual.enabled=true)")
     check_personalization(cfg)  # one-line errors for combinations personalization cannot serve
     check_compression(cfg)  # e.g. upload codecs with secure aggregation
     check_devices(cfg)  # device profiles, HetLoRA ranks, asynchronous training
     check_batching(cfg)  # train.batch_clients
-    if resume is not None and cfg.asynchronous.enabled:
-        raise FedfmError("--resume does not support asynchronous runs yet (clients in flight are not checkpointed)")
     if cfg.continual.enabled:  # data arrives in stages: the always-on loop of fedfm.continual
         from fedfm.continual.loop import run_continual
 
-        return run_continual(cfg, console=console)
+        return run_continual(cfg, console=console, resume=resume)
     device, out, t_start, ds = start_run(cfg)
     attack = Attack(**cfg.attack.model_dump(), seed=cfg.seed, server_lr=cfg.algorithm.server_lr)  # "none": no attackers
     num_labels = len(ds.label_names) if cfg.model.task == "seq_cls" else None

@@ -208,7 +208,7 @@ def write_topics(path, n=240, seed=0):
     return path
 
 
-def tiny_continual(tmp_path, name, **extra):
+def continual_overrides(tmp_path, name, **extra) -> list[str]:
     base = {
         "model.name": "tiny-bert", "model.method": "full", "model.max_length": 12,
         "data.dataset": str(write_topics(tmp_path / "topics.csv")), "data.client_test_fraction": 0.0,
@@ -219,9 +219,13 @@ def tiny_continual(tmp_path, name, **extra):
         "continual.rounds_per_stage": 2, "out": str(tmp_path / name),
     }
     base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_continual(tmp_path, name, **extra):
     from fedfm.runner import run
 
-    return run(None, [f"{k}={v}" for k, v in base.items()])
+    return run(None, continual_overrides(tmp_path, name, **extra))
 
 
 def test_end_to_end_continual_run_writes_the_matrix_and_versions_keep_increasing(tmp_path):

@@ -19,8 +19,12 @@ task; task ``k``'s state starts from task ``k-1``'s final state with
 a fresh server optimizer serves each task).
 
 Everything else -- data loading, partitioning, the model, the local trainer,
-the server composition, the wire, the byte ledger -- is the one-shot run's
-machinery (:mod:`fedfm.runner`), reused as is.
+the server composition, the wire, the byte ledger, checkpoints -- is the
+one-shot run's machinery (:mod:`fedfm.runner`), reused as is. A checkpoint
+adds the loop's own state (stage and round in it, each client's rows for the
+stage, the replay buffers, the regularizer's anchor, the per-task states and
+the accuracy matrix), so ``fedfm run --resume`` continues a killed continual
+run where it stopped, mid-stage or between stages.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import time
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from fedfm.config import RunConfig
@@ -43,6 +48,7 @@ from fedfm.errors import FedfmError
 from fedfm.eval.report import MetricsLog, write_json
 from fedfm.models import build_model
 from fedfm.models.state import get_state, save_state, set_state_, state_to_bytes
+from fedfm.runtime import checkpoint
 from fedfm.runtime.client import Client, LocalTrainer, derive_seed
 from fedfm.runtime.compose import build_server
 from fedfm.runtime.simulation import Simulation
@@ -102,8 +108,11 @@ def clone(state) -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict((k, v.detach().clone()) for k, v in state.items())
 
 
-def run_continual(cfg: RunConfig, console=None) -> dict:
-    """Run a federated continual-learning job; returns its summary (also written to summary.json)."""
+def run_continual(cfg: RunConfig, console=None, resume=None) -> dict:
+    """Run a federated continual-learning job; returns its summary (also written to summary.json).
+
+    ``resume`` (the run folder) continues a killed run from its latest checkpoint.
+    """
     from fedfm.progress import RunProgress
     from fedfm.runner import build_clients, make_summary, split_holdout, start_run, state_metadata
 
@@ -140,24 +149,60 @@ def run_continual(cfg: RunConfig, console=None) -> dict:
     P: list[list[float | None]] = []  # causal LM: perplexity beside the token accuracy
     per_stage: list[dict] = []
     T = plan.num_stages
+    rnd, start_stage, start_round, kept = 0, 0, 1, None
+    ckpt = checkpoint.Checkpointer(out, cfg.checkpoint.every, cfg.checkpoint.keep)
+    if resume is not None and (last_ckpt := checkpoint.latest(out)) is not None:
+        meta, tensors = checkpoint.load(last_ckpt)
+        kept = checkpoint.kept_metrics(out, meta["metrics_lines"])
+        loop = meta["continual"]
+        rnd, R, P, per_stage = int(meta["round"]), loop["R"], loop["P"], loop["per_stage"]
+        task_states = [checkpoint.get_group(tensors, meta["orders"], f"continual/task/{j}") for j in range(loop["tasks"])]
+        if regularizer is not None and "continual/anchor" in meta["orders"]:
+            regularizer.anchor = checkpoint.get_group(tensors, meta["orders"], "continual/anchor")
+        for sc in stage_clients:
+            sc.train_idx = tensors[f"continual/rows/{sc.cid}"].numpy()
+        for b, state in zip(buffers or [], loop["buffers"]):
+            b.load_state_dict(state)
+        checkpoint.restore(meta, tensors, sim, server, stage_clients)  # last: it also sets the RNG states
+        done = loop["round_in_stage"] == per_stage_rounds
+        start_stage, start_round = loop["stage"] + done, 1 if done else loop["round_in_stage"] + 1
+    elif resume is not None and cfg.checkpoint.every == 0:
+        raise FedfmError(f"cannot resume {out}: it ran with checkpoint.every=0 (no checkpoints)")
+
+    def loop_state(stage: int, round_in_stage: int):
+        """The checkpoint section of the loop's own state after round ``round_in_stage`` of ``stage``."""
+        def write(tensors: dict, orders: dict) -> dict:
+            for j, state in enumerate(task_states):
+                checkpoint.put_group(tensors, orders, f"continual/task/{j}", state)
+            if regularizer is not None and regularizer.anchor is not None:
+                checkpoint.put_group(tensors, orders, "continual/anchor", regularizer.anchor)
+            for sc in stage_clients:
+                tensors[f"continual/rows/{sc.cid}"] = torch.from_numpy(np.asarray(sc.train_idx, dtype=np.int64))
+            return {"stage": stage, "round_in_stage": round_in_stage, "tasks": len(task_states), "R": R, "P": P,
+                    "per_stage": per_stage, "buffers": [b.state_dict() for b in buffers or []]}
+        return {"continual": write}
+
     metrics_log = MetricsLog(out / "metrics.jsonl")
+    for record in kept or ():  # metrics.jsonl truncated to the checkpoint's round
+        metrics_log.write(record)
     progress = RunProgress(cfg, console=console, enabled=cfg.progress)
     progress.rounds = T * per_stage_rounds
-    rnd = 0
     with progress:
         progress.header(cfg, len(ds.texts), len(test_idx), stats, trainable, total)
         progress.print(f"  continual: {T} stages ({cc.stream}: {', '.join(plan.names)}), {per_stage_rounds} rounds each")
-        for k in range(T):
-            if cc.per_task_adapters and k > 0:  # a new task: its own state and a fresh server optimizer
-                sim.global_state = clone(task_states[k - 1] if cc.adapter_init == "previous" else initial)
-                server, sim.algorithm = make_algorithm(cfg, len(clients), trainer, regularizer)
+        for k in range(start_stage, T):
+            first = start_round if k == start_stage else 1
+            if first == 1:  # a new stage (a resumed one restored its clients' rows and buffers)
+                if cc.per_task_adapters and k > 0:  # a new task: its own state and a fresh server optimizer
+                    sim.global_state = clone(task_states[k - 1] if cc.adapter_init == "previous" else initial)
+                    server, sim.algorithm = make_algorithm(cfg, len(clients), trainer, regularizer)
+                for i, sc in enumerate(stage_clients):
+                    new = plan.train[k][i]
+                    sc.train_idx = new if buffers is None else buffers[i].training_rows(new)
+                    if buffers is not None:
+                        buffers[i].offer(new)
             stage_trainer.new_anchor(k)
-            for i, sc in enumerate(stage_clients):
-                new = plan.train[k][i]
-                sc.train_idx = new if buffers is None else buffers[i].training_rows(new)
-                if buffers is not None:
-                    buffers[i].offer(new)
-            for r in range(1, per_stage_rounds + 1):
+            for r in range(first, per_stage_rounds + 1):
                 rnd += 1
                 record = sim.run_round(rnd, on_client=progress.client_done)
                 record.update(stage=k, task=plan.names[k])
@@ -184,6 +229,8 @@ def run_continual(cfg: RunConfig, console=None) -> dict:
                     record["task_accuracy"] = {plan.names[j]: m["accuracy"] for j, m in enumerate(scores)}
                 record["wall_s"] = time.perf_counter() - t_start
                 metrics_log.write(record)
+                if r < per_stage_rounds and ckpt.due(rnd):
+                    ckpt.save(rnd, sim, server, stage_clients, len(metrics_log.records), sections=loop_state(k, r))
                 progress.round_done(record)
             last = per_stage[-1]
             progress.print(
@@ -195,6 +242,8 @@ def run_continual(cfg: RunConfig, console=None) -> dict:
             if regularizer is not None and k + 1 < T:
                 set_state_(fm.params, sim.global_state)
                 regularizer.end_stage(sim.global_state, fm, enc, stage_clients, [c.train_idx for c in stage_clients], k)
+            if ckpt.due(rnd):  # after the stage's end: its scores, the anchor and the Fisher are in
+                ckpt.save(rnd, sim, server, stage_clients, len(metrics_log.records), sections=loop_state(k, per_stage_rounds))
     metrics_log.close()
 
     set_state_(fm.params, sim.global_state)

@@ -47,6 +47,15 @@ class ReservoirBuffer:
                     buf[slot] = int(x)
         self._items = np.asarray(buf, dtype=np.int64)
 
+    def state_dict(self) -> dict:
+        """JSON: the items, the count offered and the random stream (for checkpoints)."""
+        return {"items": self._items.tolist(), "seen": self.seen, "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._items = np.asarray(state["items"], dtype=np.int64)
+        self.seen = int(state["seen"])
+        self._rng.bit_generator.state = state["rng"]
+
     def training_rows(self, new_rows: np.ndarray) -> np.ndarray:
         """What the client trains on in a stage: its new rows plus the buffer (each row once, sorted)."""
         return np.union1d(np.asarray(new_rows, dtype=np.int64), self._items)

@@ -18,6 +18,11 @@ devices really are stragglers. The simulation computes a client's update
 when it starts (it sees exactly the version it would have downloaded) and
 delivers it at its virtual arrival time; the one shared model and the
 server fold are reused as in synchronous rounds.
+
+Checkpoints (``fedfm run --resume``) hold the clients in flight: their
+encoded uploads, base versions and arrival times, the base models FedAsync
+still needs, the start counter and the engine's random stream
+(:meth:`AsyncEngine.state_dict`).
 """
 
 from __future__ import annotations
@@ -182,6 +187,38 @@ class AsyncEngine:
             **sim.ledger.snapshot(),
             "round_s": time.perf_counter() - t0,
         }
+
+    # -- checkpoints ----------------------------------------------------------------
+    def state_dict(self, tensors: dict) -> dict:
+        """JSON state; the in-flight uploads and FedAsync's base models go into ``tensors`` (``async/...``)."""
+        inflight = []
+        for job in sorted(self.heap):
+            if job.payload is not None:
+                tensors[f"async/payload/{job.seq}"] = torch.frombuffer(bytearray(job.payload), dtype=torch.uint8)
+            inflight.append({"arrival": job.arrival, "seq": job.seq, "cid": job.cid, "base_version": job.base_version,
+                             "payload": job.payload is not None, "loss": job.loss, "examples": job.examples})
+        bases = {}
+        for version, state in self.bases.items():
+            bases[str(version)] = list(state.keys())
+            for k, t in state.items():
+                tensors[f"async/base/{version}/{k}"] = t.detach().contiguous().clone()
+        return {"rng": self.rng.bit_generator.state, "started": self.started, "inflight": inflight,
+                "bases": bases, "staleness_seen": list(self.staleness_seen)}
+
+    def load_state_dict(self, meta: dict, tensors) -> None:
+        """Put the clients in flight, the counters and the random stream back (inverse of :meth:`state_dict`)."""
+        self.rng.bit_generator.state = meta["rng"]
+        self.started = int(meta["started"])
+        self.heap = []
+        for j in meta["inflight"]:
+            payload = tensors[f"async/payload/{j['seq']}"].numpy().tobytes() if j["payload"] else None
+            self.heap.append(InFlight(float(j["arrival"]), int(j["seq"]), int(j["cid"]), int(j["base_version"]),
+                                      payload, float(j["loss"]), int(j["examples"])))
+        heapq.heapify(self.heap)
+        self.busy = {j.cid for j in self.heap}
+        self.bases = {int(v): OrderedDict((k, tensors[f"async/base/{v}/{k}"]) for k in keys)
+                      for v, keys in meta["bases"].items()}
+        self.staleness_seen = [int(t) for t in meta["staleness_seen"]]
 
     def summary(self) -> dict:
         taus = self.staleness_seen

@@ -12,7 +12,8 @@ the global model together with everything the next round depends on:
   version, the key order of every tensor group, the client-level DP fold
   (noise-stream index, adaptive clip norm) and accountant, the DP-SGD
   per-client accountants, the byte ledger, rejected updates, the number of
-  ``metrics.jsonl`` lines written, python's RNG state, and the SHA-256 of
+  ``metrics.jsonl`` lines written, python's RNG state, an asynchronous
+  run's clients in flight (their uploads are tensors), and the SHA-256 of
   the tensor file.
 
 No pickle anywhere. Each file is written under a temporary name, flushed to
@@ -99,13 +100,13 @@ def _sha256(path: Path) -> str:
 
 
 # -- tensor groups: ordered name -> tensor maps stored under a prefix ------------
-def _put(tensors: dict, meta_orders: dict, group: str, state: Mapping[str, torch.Tensor]) -> None:
+def put_group(tensors: dict, meta_orders: dict, group: str, state: Mapping[str, torch.Tensor]) -> None:
     meta_orders[group] = list(state.keys())
     for k, t in state.items():
         tensors[f"{group}/{k}"] = t.detach().to("cpu").contiguous().clone()
 
 
-def _get(tensors: Mapping[str, torch.Tensor], orders: dict, group: str) -> "OrderedDict[str, torch.Tensor]":
+def get_group(tensors: Mapping[str, torch.Tensor], orders: dict, group: str) -> "OrderedDict[str, torch.Tensor]":
     try:
         return OrderedDict((k, tensors[f"{group}/{k}"]) for k in orders[group])
     except KeyError as err:
@@ -146,7 +147,7 @@ def _client_states(clients, tensors: dict, orders: dict) -> dict:
                 tensors[group] = value.detach().to("cpu").contiguous().clone()
                 entry[key] = {"tensor": True}
             elif isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values()):
-                _put(tensors, orders, group, value)
+                put_group(tensors, orders, group, value)
                 entry[key] = {"map": True}
             elif value is None or isinstance(value, (bool, int, float, str)):
                 entry[key] = {"value": value}
@@ -172,7 +173,7 @@ def _restore_clients(clients, meta: dict, tensors, orders) -> None:
             if "tensor" in how:
                 client.state[key] = tensors[group]
             elif "map" in how:
-                client.state[key] = _get(tensors, orders, group)
+                client.state[key] = get_group(tensors, orders, group)
             else:
                 client.state[key] = how["value"]
 
@@ -190,7 +191,7 @@ def _server_state(algorithm, tensors: dict, orders: dict) -> dict:
                 tensors[f"server_opt/{s}/{name}"] = t.detach().to("cpu").contiguous().clone()
     control = getattr(fold, "control", None)
     if control is not None:
-        _put(tensors, orders, "scaffold_c", control)
+        put_group(tensors, orders, "scaffold_c", control)
     if hasattr(fold, "state_dict"):
         meta["state"] = fold.state_dict()
     return meta
@@ -206,7 +207,7 @@ def _restore_server(algorithm, meta: dict, tensors, orders) -> None:
         for name in meta["optimizer"]["names"]:
             opt.state[name] = {s: tensors[f"server_opt/{s}/{name}"] for s in meta["optimizer"]["slots"][name]}
     if "scaffold_c" in orders:
-        fold.control = _get(tensors, orders, "scaffold_c")
+        fold.control = get_group(tensors, orders, "scaffold_c")
     if "state" in meta:
         fold.load_state_dict(meta["state"])
 
@@ -223,14 +224,19 @@ class Checkpointer:
     def due(self, round_idx: int) -> bool:
         return self.every > 0 and round_idx % self.every == 0
 
-    def save(self, round_idx: int, sim, server, clients, metrics_lines: int, dp_sgd=None) -> Path:
-        """Write checkpoint ``v{sim.version}`` atomically; returns its JSON path."""
+    def save(self, round_idx: int, sim, server, clients, metrics_lines: int, dp_sgd=None, sections=None) -> Path:
+        """Write checkpoint ``v{sim.version}`` atomically; returns its JSON path.
+
+        ``sections`` maps a name to ``write(tensors, orders) -> JSON`` for a caller's own state
+        (the continual loop's stage, accuracy matrix, replay buffers ...): its tensors go into
+        the tensor file, its JSON under ``meta[name]``.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         orders: dict[str, list[str]] = {}
-        _put(tensors, orders, "global", sim.global_state)
+        put_group(tensors, orders, "global", sim.global_state)
         if getattr(sim, "ema_state", None) is not None:
-            _put(tensors, orders, "ema", sim.ema_state)
+            put_group(tensors, orders, "ema", sim.ema_state)
         meta = {
             "format": FORMAT,
             "round": int(round_idx),
@@ -246,11 +252,15 @@ class Checkpointer:
             "rejected": list(sim.rejected),
             "clock": float(getattr(sim, "clock", 0.0)),  # virtual seconds (device profiles)
             "ema_version": int(getattr(sim, "ema_version", 0)),
+            # asynchronous training: the clients in flight (fedfm.runtime.asynchronous)
+            "asynchronous": None if getattr(sim, "asynchronous", None) is None else sim.asynchronous.state_dict(tensors),
             "accountant": None if server.accountant is None else server.accountant.state_dict(),
             "dp_sgd": None
             if dp_sgd is None
             else {"accountant": dp_sgd.accountant.state_dict(), "skipped_total": int(dp_sgd.skipped_total)},
         }
+        for name, write in (sections or {}).items():
+            meta[name] = write(tensors, orders)
         meta["rng"] = _rng_state(tensors)
         meta["orders"] = orders
         name = _name(sim.version)
@@ -304,7 +314,7 @@ def load(json_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def restore(meta: dict, tensors, sim, server, clients, dp_sgd=None) -> None:
     """Put a loaded checkpoint back into a freshly built run (same config, same seed)."""
     orders = meta["orders"]
-    sim.global_state = _get(tensors, orders, "global")
+    sim.global_state = get_group(tensors, orders, "global")
     sim.version = int(meta["version"])
     _restore_server(sim.algorithm, meta["server"], tensors, orders)
     _restore_clients(clients, meta["clients"], tensors, orders)
@@ -319,7 +329,12 @@ def restore(meta: dict, tensors, sim, server, clients, dp_sgd=None) -> None:
     sim.rejected = list(meta["rejected"])
     sim.clock = float(meta.get("clock", 0.0))
     sim.ema_version = int(meta.get("ema_version", 0))
-    sim.ema_state = _get(tensors, orders, "ema") if "ema" in orders else None
+    sim.ema_state = get_group(tensors, orders, "ema") if "ema" in orders else None
+    engine = getattr(sim, "asynchronous", None)
+    if (meta.get("asynchronous") is None) != (engine is None):
+        raise FedfmError("checkpoint and config disagree on asynchronous.enabled")
+    if engine is not None:
+        engine.load_state_dict(meta["asynchronous"], tensors)
     if (meta["accountant"] is None) != (server.accountant is None):
         raise FedfmError("checkpoint and config disagree on privacy.client_dp")
     if server.accountant is not None:
