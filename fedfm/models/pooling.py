@@ -45,7 +45,10 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 def _replace_pooler_output(module, args, kwargs, output):
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    output["pooler_output"] = masked_mean(output["last_hidden_state"], mask)
+    pooled = masked_mean(output[0], mask)  # output[0]: the last hidden states, as a ModelOutput or a tuple
+    if isinstance(output, tuple):  # return_dict=False
+        return (output[0], pooled, *output[2:])
+    output["pooler_output"] = pooled
     return output
 
 
