@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweep import run_one
+from sweep import add_run_args, run_one
 
 
 @dataclass
@@ -152,17 +152,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", nargs="+", choices=list(SETTINGS), default=["cross-silo", "cross-device"])
     ap.add_argument("--epsilons", nargs="+", type=float, default=[1, 4, 8, math.inf])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="each seed: its own partition, cohorts and noise")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-dp"))
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per run")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    add_run_args(ap, seeds=True)
     args = ap.parse_args()
     jobs = [j for s in args.setting for seed in args.seeds for j in jobs_for(s, args.epsilons, seed)]
     # parallelism comes from --jobs; one process per run (no fedfm workers), so --threads means what it says
-    extra = ["workers=1"] + list(args.set) + ([f"threads={args.threads}"] if args.threads else [])
+    extra = ["workers=1", f"threads={args.threads}", *args.set]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {j.name: pool.submit(run_one, None, j.overrides + extra, args.out / j.name, args.out / f"{j.name}.log")
+        futures = {j.name: pool.submit(run_one, None, j.overrides + extra, args.out / j.name, args.out / f"{j.name}.log", args.force)
                    for j in jobs}
         results = {}
         for j in jobs:

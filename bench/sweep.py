@@ -76,9 +76,12 @@ def same_config(saved: Path, config: str | None, overrides: list[str]) -> bool:
     return old == new
 
 
-def add_run_args(ap) -> None:
-    """The options every multi-run benchmark shares: seed, parallel jobs, threads, overrides, --force."""
-    ap.add_argument("--seed", type=int, default=0)
+def add_run_args(ap, seeds: bool = False) -> None:
+    """The options every multi-run benchmark shares: seed (or ``--seeds``), parallel jobs, threads, overrides, --force."""
+    if seeds:
+        ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="each seed: its own partition, cohorts and noise")
+    else:
+        ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (subprocesses)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")

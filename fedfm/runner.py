@@ -238,12 +238,16 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
         if plan is not None and cfg.eval.clients:  # each client's own model on its local test split
             record.update(evaluate_personalized(fm, enc, clients, plan, sim.released_state, cfg.eval.batch_size))
 
-    ckpt = checkpoint.Checkpointer(out, cfg.checkpoint.every, cfg.checkpoint.keep)
+    engine = sim.asynchronous  # its clients in flight are a checkpoint section
+    ckpt = checkpoint.Checkpointer(out, cfg.checkpoint.every, cfg.checkpoint.keep,
+                                   sections=None if engine is None else {"asynchronous": engine.state_dict})
     start_round, kept = 1, None
     if resume is not None and (last_ckpt := checkpoint.latest(out)) is not None:
         ckpt_meta, ckpt_tensors = checkpoint.load(last_ckpt)
         kept = checkpoint.kept_metrics(out, ckpt_meta["metrics_lines"])
         checkpoint.restore(ckpt_meta, ckpt_tensors, sim, server, clients, dp_sgd)
+        if engine is not None:
+            engine.load_state_dict(checkpoint.section(ckpt_meta, "asynchronous"), ckpt_tensors, ckpt_meta["orders"])
         start_round = ckpt_meta["round"] + 1
     elif resume is not None and cfg.checkpoint.every == 0:
         raise FedfmError(f"cannot resume {out}: it ran with checkpoint.every=0 (no checkpoints)")

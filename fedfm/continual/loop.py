@@ -154,7 +154,7 @@ def run_continual(cfg: RunConfig, console=None, resume=None) -> dict:
     if resume is not None and (last_ckpt := checkpoint.latest(out)) is not None:
         meta, tensors = checkpoint.load(last_ckpt)
         kept = checkpoint.kept_metrics(out, meta["metrics_lines"])
-        loop = meta["continual"]
+        loop = checkpoint.section(meta, "continual")
         rnd, R, P, per_stage = int(meta["round"]), loop["R"], loop["P"], loop["per_stage"]
         task_states = [checkpoint.get_group(tensors, meta["orders"], f"continual/task/{j}") for j in range(loop["tasks"])]
         if regularizer is not None and "continual/anchor" in meta["orders"]:

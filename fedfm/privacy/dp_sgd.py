@@ -245,10 +245,7 @@ class SampleLevelAccountant:
 
     def load_state_dict(self, state: dict) -> None:
         sizes = {int(c): int(n) for c, n in state["sizes"].items()}
-        sigma = state["noise_multiplier"]
-        if isinstance(sigma, Mapping):
-            sigma = {int(c): float(s) for c, s in sigma.items()}
-        self.__init__(sigma, sizes, state["batch_size"], state["delta"], state["kind"])
+        self.__init__(state["noise_multiplier"], sizes, state["batch_size"], state["delta"], state["kind"])
         self.steps = {int(c): int(t) for c, t in state["steps"].items()}
         self.participations = {int(c): int(t) for c, t in state["participations"].items()}
 

@@ -39,6 +39,7 @@ import torch
 from fedfm.algorithms.staleness import staleness_weight
 from fedfm.config.schema import AsyncConfig
 from fedfm.errors import FedfmError
+from fedfm.runtime.checkpoint import get_group, put_group
 from fedfm.runtime.client import derive_seed
 
 log = logging.getLogger("fedfm")
@@ -189,23 +190,23 @@ class AsyncEngine:
         }
 
     # -- checkpoints ----------------------------------------------------------------
-    def state_dict(self, tensors: dict) -> dict:
-        """JSON state; the in-flight uploads and FedAsync's base models go into ``tensors`` (``async/...``)."""
+    def state_dict(self, tensors: dict, orders: dict) -> dict:
+        """JSON state; the in-flight uploads and FedAsync's base models go into ``tensors`` (``async/...``).
+
+        A checkpoint section (fedfm.runtime.checkpoint.Checkpointer's ``sections``).
+        """
         inflight = []
         for job in sorted(self.heap):
             if job.payload is not None:
                 tensors[f"async/payload/{job.seq}"] = torch.frombuffer(bytearray(job.payload), dtype=torch.uint8)
             inflight.append({"arrival": job.arrival, "seq": job.seq, "cid": job.cid, "base_version": job.base_version,
                              "payload": job.payload is not None, "loss": job.loss, "examples": job.examples})
-        bases = {}
         for version, state in self.bases.items():
-            bases[str(version)] = list(state.keys())
-            for k, t in state.items():
-                tensors[f"async/base/{version}/{k}"] = t.detach().contiguous().clone()
+            put_group(tensors, orders, f"async/base/{version}", state)
         return {"rng": self.rng.bit_generator.state, "started": self.started, "inflight": inflight,
-                "bases": bases, "staleness_seen": list(self.staleness_seen)}
+                "bases": list(self.bases), "staleness_seen": list(self.staleness_seen)}
 
-    def load_state_dict(self, meta: dict, tensors) -> None:
+    def load_state_dict(self, meta: dict, tensors, orders: dict) -> None:
         """Put the clients in flight, the counters and the random stream back (inverse of :meth:`state_dict`)."""
         self.rng.bit_generator.state = meta["rng"]
         self.started = int(meta["started"])
@@ -216,8 +217,7 @@ class AsyncEngine:
                                       payload, float(j["loss"]), int(j["examples"])))
         heapq.heapify(self.heap)
         self.busy = {j.cid for j in self.heap}
-        self.bases = {int(v): OrderedDict((k, tensors[f"async/base/{v}/{k}"]) for k in keys)
-                      for v, keys in meta["bases"].items()}
+        self.bases = {int(v): get_group(tensors, orders, f"async/base/{v}") for v in meta["bases"]}
         self.staleness_seen = [int(t) for t in meta["staleness_seen"]]
 
     def summary(self) -> dict:

@@ -12,9 +12,9 @@ the global model together with everything the next round depends on:
   version, the key order of every tensor group, the client-level DP fold
   (noise-stream index, adaptive clip norm) and accountant, the DP-SGD
   per-client accountants, the byte ledger, rejected updates, the number of
-  ``metrics.jsonl`` lines written, python's RNG state, an asynchronous
-  run's clients in flight (their uploads are tensors), and the SHA-256 of
-  the tensor file.
+  ``metrics.jsonl`` lines written, python's RNG state, the sections of the
+  callers' own state (an asynchronous run's clients in flight, the
+  continual loop's stage), and the SHA-256 of the tensor file.
 
 No pickle anywhere. Each file is written under a temporary name, flushed to
 disk and moved into place with :func:`os.replace` (atomic on POSIX and
@@ -216,10 +216,11 @@ def _restore_server(algorithm, meta: dict, tensors, orders) -> None:
 class Checkpointer:
     """Writes the latest ``keep`` checkpoints of a run every ``every`` rounds (0: never)."""
 
-    def __init__(self, run_dir, every: int = 1, keep: int = 1) -> None:
+    def __init__(self, run_dir, every: int = 1, keep: int = 1, sections=None) -> None:
         self.dir = checkpoint_dir(run_dir)
         self.every = int(every)
         self.keep = int(keep)
+        self.sections = dict(sections or {})  # written into every checkpoint (see save)
 
     def due(self, round_idx: int) -> bool:
         return self.every > 0 and round_idx % self.every == 0
@@ -227,9 +228,11 @@ class Checkpointer:
     def save(self, round_idx: int, sim, server, clients, metrics_lines: int, dp_sgd=None, sections=None) -> Path:
         """Write checkpoint ``v{sim.version}`` atomically; returns its JSON path.
 
-        ``sections`` maps a name to ``write(tensors, orders) -> JSON`` for a caller's own state
-        (the continual loop's stage, accuracy matrix, replay buffers ...): its tensors go into
-        the tensor file, its JSON under ``meta[name]``.
+        ``sections`` (added to those given at construction) maps a name to
+        ``write(tensors, orders) -> JSON`` for a caller's own state (an asynchronous run's
+        clients in flight, the continual loop's stage, accuracy matrix, replay buffers ...):
+        its tensors go into the tensor file, its JSON under ``meta[name]``; read it back with
+        :func:`section`.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
@@ -252,14 +255,12 @@ class Checkpointer:
             "rejected": list(sim.rejected),
             "clock": float(getattr(sim, "clock", 0.0)),  # virtual seconds (device profiles)
             "ema_version": int(getattr(sim, "ema_version", 0)),
-            # asynchronous training: the clients in flight (fedfm.runtime.asynchronous)
-            "asynchronous": None if getattr(sim, "asynchronous", None) is None else sim.asynchronous.state_dict(tensors),
             "accountant": None if server.accountant is None else server.accountant.state_dict(),
             "dp_sgd": None
             if dp_sgd is None
             else {"accountant": dp_sgd.accountant.state_dict(), "skipped_total": int(dp_sgd.skipped_total)},
         }
-        for name, write in (sections or {}).items():
+        for name, write in {**self.sections, **(sections or {})}.items():
             meta[name] = write(tensors, orders)
         meta["rng"] = _rng_state(tensors)
         meta["orders"] = orders
@@ -330,11 +331,6 @@ def restore(meta: dict, tensors, sim, server, clients, dp_sgd=None) -> None:
     sim.clock = float(meta.get("clock", 0.0))
     sim.ema_version = int(meta.get("ema_version", 0))
     sim.ema_state = get_group(tensors, orders, "ema") if "ema" in orders else None
-    engine = getattr(sim, "asynchronous", None)
-    if (meta.get("asynchronous") is None) != (engine is None):
-        raise FedfmError("checkpoint and config disagree on asynchronous.enabled")
-    if engine is not None:
-        engine.load_state_dict(meta["asynchronous"], tensors)
     if (meta["accountant"] is None) != (server.accountant is None):
         raise FedfmError("checkpoint and config disagree on privacy.client_dp")
     if server.accountant is not None:
@@ -345,6 +341,13 @@ def restore(meta: dict, tensors, sim, server, clients, dp_sgd=None) -> None:
         dp_sgd.accountant.load_state_dict(meta["dp_sgd"]["accountant"])
         dp_sgd.skipped_total = int(meta["dp_sgd"]["skipped_total"])
     _set_rng_state(tensors, meta["rng"])
+
+
+def section(meta: dict, name: str):
+    """A caller's section of a loaded checkpoint (written through ``Checkpointer.save``'s ``sections``)."""
+    if meta.get(name) is None:
+        raise FedfmError(f"the checkpoint has no {name!r} section: it was not written by this kind of run")
+    return meta[name]
 
 
 def kept_metrics(run_dir, lines: int) -> list[dict]:
