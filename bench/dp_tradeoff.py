@@ -1,11 +1,16 @@
 """Accuracy against the privacy budget epsilon, cross-silo and cross-device.
 
-Two settings, each at epsilon in {1, 4, 8, inf} (inf = no DP at all):
+Three settings, each at epsilon in {1, 4, 8, inf} (inf = no DP at all):
 
 * ``cross-silo``: sample-level DP-SGD on every client (``privacy.dp_sgd``,
   Abadi et al. 2016) on the 20-client default job, every silo in every round;
   each client's own accountant and sigma_i, the table shows the largest
   epsilon over clients.
+* ``cross-silo-secagg``: the same silos under secure aggregation with
+  distributed noise (``privacy.dp_sgd.noise=distributed``): each silo adds
+  sigma / sqrt(t) and the server sees only the sum, so each round is one step
+  of central DP-SGD on the union of the silos' data (one local step, one
+  sampling rate for all); one sigma for every silo.
 * ``cross-device``: client-level DP (DP-FedAvg, McMahan et al. 2018,
   ``privacy.client_dp``) over a population of 1,000 small clients (BBC News
   split IID, about 1.8 training articles each), 300 per round for 40 rounds, server
@@ -13,16 +18,17 @@ Two settings, each at epsilon in {1, 4, 8, inf} (inf = no DP at all):
   2022). Client-level DP needs a large population: the noise on the mean
   update shrinks with the cohort size.
 
-Both fine-tune LoRA r = 1 with mean pooling (see the recipes below); the
+All fine-tune LoRA r = 1 with mean pooling (see the recipes below); the
 epsilon = inf run of each seed is the same recipe without DP.
 
-delta is at most 1/N in both (N = a client's examples for sample-level DP,
+delta is at most 1/N in all (N = a client's examples for sample-level DP,
 the number of clients for client-level DP). The noise multiplier is calibrated
 by fedfm from ``target_epsilon`` and the planned rounds.
 
 Usage::
 
     python bench/dp_tradeoff.py --out runs/bench-dp --jobs 4 --threads 4
+    python bench/dp_tradeoff.py --setting cross-silo-secagg --epsilons 8 inf --seeds 0 1 --jobs 2
     python bench/dp_tradeoff.py --setting cross-device --epsilons 8 inf --seeds 0 1 2 --jobs 6 --set device=cuda
     python bench/dp_tradeoff.py --setting cross-device --epsilons 8 inf --set federation.rounds=2   # smoke
 
@@ -69,6 +75,23 @@ CROSS_SILO = SMALL_STATE + [  # the 20-client default job; every silo takes part
 ]
 CROSS_SILO_DP = ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.max_grad_norm=1.0"]
 
+# The same silos under secure aggregation with distributed noise (privacy.dp_sgd.noise=distributed): each
+# silo adds sigma / sqrt(t) of the noise, t = 11 of 20 (a strict majority: 9 silos may drop out), so the
+# server's sum holds at least sigma. One SGD step per round at one sampling rate q = 0.2 makes the aggregate
+# central DP-SGD on the union of the silos (expected batch ~285), 120 rounds = 120 steps.
+CROSS_SILO_SECAGG = SMALL_STATE + [
+    "name=cross-silo-secagg",
+    "train.optimizer=sgd",
+    "train.lr=1.0",
+    "train.local_steps=1",
+    "federation.clients_per_round=20",
+    "federation.rounds=120",
+    "privacy.secure_aggregation.enabled=true",
+    "privacy.secure_aggregation.threshold=11",
+    "eval.every=60",
+]
+CROSS_SILO_SECAGG_DP = CROSS_SILO_DP + ["privacy.dp_sgd.noise=distributed", "privacy.dp_sgd.sampling_rate=0.2"]
+
 CROSS_DEVICE = [
     "name=cross-device",
     "federation.num_clients=1000",
@@ -97,6 +120,7 @@ CROSS_DEVICE_DP = [
 
 SETTINGS = {
     "cross-silo": (CROSS_SILO, CROSS_SILO_DP, "privacy.dp_sgd.target_epsilon"),
+    "cross-silo-secagg": (CROSS_SILO_SECAGG, CROSS_SILO_SECAGG_DP, "privacy.dp_sgd.target_epsilon"),
     "cross-device": (CROSS_DEVICE, CROSS_DEVICE_DP, "privacy.client_dp.target_epsilon"),
 }
 

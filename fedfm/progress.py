@@ -108,10 +108,11 @@ class RunProgress:
             table.add_row("client-level DP (epsilon, delta)", f"({p['epsilon']:.3f}, {p['delta']:.1e}), noise multiplier {p['noise_multiplier']:.3f}")
         if "dp_sgd" in p:
             d = p["dp_sgd"]
+            share = d.get("noise_share", 1.0)
             table.add_row(
-                "local DP-SGD max epsilon (delta)",
+                "DP-SGD max epsilon (delta)",
                 f"{d['epsilon_max']:.3f} ({d['delta']:.1e}), noise multiplier {d['noise_multiplier']:.3f}, "
-                f"clip {d['max_grad_norm']:g}",
+                f"clip {d['max_grad_norm']:g}, " + ("local noise" if share == 1 else f"distributed noise (share {share:.3f})"),
             )
         table.add_row("bytes up / down", f"{_fmt_bytes(s['bytes_up_total'])} / {_fmt_bytes(s['bytes_down_total'])}")
         table.add_row("trainable state", _fmt_bytes(s["trainable_state_bytes"]))

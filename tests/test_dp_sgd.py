@@ -29,7 +29,7 @@ from fedfm.privacy.dp_sgd import (
     calibrate_per_client,
     epsilon_for,
     poisson_sample,
-    sampling_rate,
+    sampling_rate_for,
 )
 from fedfm.runtime.client import Client, LocalTrainer, derive_seed
 from test_end_to_end import tiny_cls_overrides
@@ -127,7 +127,7 @@ def test_sigma_zero_unclipped_step_is_sgd_on_the_poisson_batch_over_expected_siz
     start = get_state(fm.params)
     update = trainer.local_update(FedAvg(), Broadcast(start), client, rnd)
 
-    q = sampling_rate(B, n)
+    q = sampling_rate_for(B, n)
     idx = poisson_sample(torch.arange(n), q, torch.Generator().manual_seed(derive_seed(seed, rnd, 0)))
     assert 0 < len(idx) != q * n  # a variable-size batch, divided by the expected size
     set_state_(fm.params, start)
@@ -145,11 +145,12 @@ def test_sigma_zero_unclipped_step_is_sgd_on_the_poisson_batch_over_expected_siz
 
 
 # -- (c) the noise ----------------------------------------------------------------------------
-def test_noise_std_is_sigma_c_over_expected_batch():
+@pytest.mark.parametrize("share", [1.0, 0.5])  # 0.5: one of t = 4 distributed noise shares
+def test_noise_std_is_sigma_c_over_expected_batch(share):
     fm, enc = tiny()
     n, B, sigma, C = len(TEXTS), 4, 2.0, 0.5
     start = get_state(fm.params)
-    noisy = LocalDPSGD(fm, enc, SampleLevelAccountant(sigma, {0: n}, B), max_grad_norm=C)
+    noisy = LocalDPSGD(fm, enc, SampleLevelAccountant(sigma, {0: n}, B), max_grad_norm=C, noise_share=share)
     clean = LocalDPSGD(fm, enc, SampleLevelAccountant(0.0, {0: n}, B), max_grad_norm=C)
     draws = []
     for seed in range(3):
@@ -160,10 +161,114 @@ def test_noise_std_is_sigma_c_over_expected_batch():
             grads.append(torch.cat([p.grad.flatten() for p in fm.params.values()]))
         draws.append(grads[0] - grads[1])
     x = torch.cat(draws)  # 3 x 2,147 coordinates
-    want = sigma * C / (B / n * n)
+    want = share * sigma * C / (B / n * n)
     assert abs(x.std().item() - want) < 0.15 * want
     assert abs(x.mean().item()) < 4 * want / len(x) ** 0.5
     assert not torch.equal(draws[0], draws[1])  # fresh noise per session
+
+
+# -- distributed noise under secure aggregation --------------------------------------------------
+def test_one_step_rounds_at_one_sampling_rate_aggregate_to_central_dp_sgd():
+    """FedAvg of one-step DP-SGD updates = one DP-SGD step on the union of the silos' data.
+
+    The reference is a plain per-example loop: every example of every silo's Poisson
+    batch clipped to C, summed over all silos and divided by the expected batch of the
+    union, q * sum(n_i); that is what makes the distributed noise shares add up to
+    central DP-SGD's noise (fedfm.privacy.dp_sgd, "Distributed noise").
+    """
+    fm, enc = tiny()
+    q, C, lr, seed, rnd = 0.6, 0.05, 0.5, 3, 1
+    parts = [np.array([0, 3, 6]), np.array([1, 4]), np.array([2, 5, 7])]
+    clients = [Client(cid=c, train_idx=p, test_idx=np.arange(0)) for c, p in enumerate(parts)]
+    acc = SampleLevelAccountant(0.0, {c: len(p) for c, p in enumerate(parts)}, batch_size=16, sampling_rate=q)
+    dp = LocalDPSGD(fm, enc, acc, max_grad_norm=C, noise_share=0.5)
+    trainer = LocalTrainer(fm, enc, TrainConfig(local_steps=1, batch_size=16, lr=lr, optimizer="sgd"), seed, dp_sgd=dp)
+    start = get_state(fm.params)
+    fold = FedAvg()
+    fold.start(start)
+    for client in clients:
+        set_state_(fm.params, start)
+        fold.add(trainer.local_update(FedAvg(), Broadcast(start), client, rnd))
+    new = fold.finish()
+
+    set_state_(fm.params, start)
+    batch = torch.cat([poisson_sample(torch.as_tensor(c.train_idx), q, torch.Generator().manual_seed(
+        derive_seed(seed, rnd, c.cid))) for c in clients])
+    assert 0 < len(batch) < len(TEXTS)
+    total = {k: torch.zeros_like(p) for k, p in fm.params.items()}
+    clipped = 0
+    for g in one_at_a_time(fm, enc, batch):
+        norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
+        clipped += bool(norm > C)
+        for k in total:
+            total[k] += g[k] * min(1.0, C / float(norm))
+    assert clipped == len(batch)  # C is small enough to clip every example
+    for k in total:
+        want = start[k] - lr * total[k] / (q * len(TEXTS))
+        torch.testing.assert_close(new[k], want, atol=1e-6, rtol=1e-5, msg=k)
+    assert acc.q == {0: q, 1: q, 2: q} and all(t == 1 for t in acc.steps.values())
+
+
+DISTRIBUTED = {
+    "model.method": "lora",
+    "federation.clients_per_round": 6,
+    "train.local_steps": 1,
+    "train.optimizer": "sgd",
+    "train.lr": 0.5,
+    "privacy.dp_sgd.enabled": True,
+    "privacy.dp_sgd.noise": "distributed",
+    "privacy.dp_sgd.sampling_rate": 0.5,
+    "privacy.secure_aggregation.enabled": True,
+    "privacy.secure_aggregation.threshold": 4,
+}
+
+
+def test_distributed_noise_run_calibrates_one_sigma_and_splits_it_in_shares(tmp_path):
+    over = {**DISTRIBUTED, "federation.rounds": 3, "eval.every": 0, "privacy.dp_sgd.target_epsilon": 8.0}
+    s = fedfm.run(None, tiny_cls_overrides(tmp_path, **over))
+    d, recs = s["privacy"]["dp_sgd"], records(tmp_path / "run")
+    assert d["noise_share"] == pytest.approx(0.5) and d["sampling_rate"] == 0.5  # 1 / sqrt(t = 4)
+    assert d["noise_multiplier"] == d["noise_multiplier_min"] > 0  # one sigma for the sum
+    assert epsilon_for(d["noise_multiplier"], 0.5, 1e-5, 3) == pytest.approx(8.0, rel=2e-3)
+    for v in d["per_client"].values():  # every silo in every round: 3 steps at q = 0.5
+        assert v["sampling_rate"] == 0.5 and v["steps"] == 3 and v["epsilon"] <= 8.0
+    assert d["epsilon_max"] == pytest.approx(8.0, rel=2e-3)
+    rounds = [r for r in recs if "secagg_survivors" in r]
+    assert [(r["round"], r["secagg_survivors"], r["secagg_threshold"], r["secagg_clipped"]) for r in rounds] == [
+        (1, 6, 4, 0), (2, 6, 4, 0), (3, 6, 4, 0)]
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        ({"privacy.secure_aggregation.enabled": False}, "needs privacy.secure_aggregation.enabled=true"),
+        ({"privacy.secure_aggregation.threshold": None}, "needs privacy.secure_aggregation.threshold"),
+        ({"privacy.dp_sgd.sampling_rate": None}, "needs privacy.dp_sgd.sampling_rate"),
+        ({"train.local_steps": 2}, "needs train.local_steps=1"),
+        ({"train.optimizer": "adamw"}, "needs train.optimizer=sgd"),
+        ({"algorithm.weighting": "uniform"}, "needs algorithm.weighting=examples"),
+        ({"privacy.client_dp.enabled": True, "privacy.client_dp.noise_multiplier": 1.0}, "cannot be combined with privacy.client_dp"),
+        ({"privacy.secure_aggregation.max_weight": 2}, "more than privacy.secure_aggregation.max_weight=2"),
+    ],
+)
+def test_distributed_noise_refuses_what_breaks_its_guarantee_in_one_line(tmp_path, extra, fragment):
+    over = {**DISTRIBUTED, "privacy.dp_sgd.noise_multiplier": 1.0, "federation.rounds": 1, **extra}
+    over = {k: v for k, v in over.items() if v is not None}
+    res = CliRunner().invoke(app, ["run", *tiny_cls_overrides(tmp_path, **over)])
+    lines = [x for x in res.output.strip().splitlines() if x.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and fragment in lines[0], res.output
+    assert "privacy.dp_sgd.noise=distributed" in lines[0]
+
+
+def test_accountant_with_one_sampling_rate_survives_a_state_dict_round_trip():
+    acc = SampleLevelAccountant(1.3, {0: 10, 1: 400}, batch_size=16, sampling_rate=0.05)
+    assert acc.q == {0: 0.05, 1: 0.05}  # not min(1, 16 / n_i)
+    acc.step(1, 7)
+    again = SampleLevelAccountant(0.0, {9: 1}, 1)
+    again.load_state_dict(json.loads(json.dumps(acc.state_dict())))
+    assert again.q == acc.q and again.epsilon(1) == acc.epsilon(1) == epsilon_for(1.3, 0.05, 1e-5, 7)
+    with pytest.raises(ValueError, match="sampling_rate must be in"):
+        SampleLevelAccountant(1.0, {0: 1}, 1, sampling_rate=1.5)
 
 
 # -- (d) accounting ------------------------------------------------------------------------
@@ -346,3 +451,10 @@ def test_refused_combinations_are_one_cli_line(tmp_path, extra, fragment):
     lines = [x for x in res.output.strip().splitlines() if x.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and fragment in lines[0], res.output
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_distributed_example_config_meets_every_condition():
+    from fedfm.runtime.compose import distributed_noise_share
+
+    cfg = load_config("examples/dp_sgd_secagg.yaml")
+    assert distributed_noise_share(cfg, {c: 171 for c in range(20)}) == pytest.approx(11 ** -0.5)

@@ -78,6 +78,28 @@ def test_secure_sum_matches_plain_weighted_mean_of_survivors(dropped):
     assert torch.equal(b["step"], _global()["step"])  # non-float entries keep their global value
 
 
+def test_summand_coordinates_outside_the_range_are_counted_and_logged(caplog):
+    # summand r * delta with r = n / max_weight: 0.05 * (10 + 7c) / 10 stays inside R = 1 ...
+    fold = MeanDeltaFold()
+    fold.start(_global())
+    sr = _secure(fold, list(range(4)), max_weight=10.0)
+    for u in _updates(4):
+        sr.submit(u)
+    assert sr.finish()["secagg_clipped"] == 0
+    # ... but not inside R = 0.01: every coordinate beyond it is counted (on the clients) and logged
+    ups = _updates(4)
+    fold.start(_global())
+    sr = _secure(fold, list(range(4)), max_weight=10.0, clip_range=0.01)
+    want = 0
+    for u in ups:
+        r = min(u.num_examples / 10.0, 1.0)
+        want += sum(int((r * u.delta[k].abs() > 0.01).sum()) for k in ("w", "b"))
+        sr.submit(u)
+    with caplog.at_level("WARNING", logger="fedfm"):
+        assert sr.finish()["secagg_clipped"] == want > 0
+    assert f"{want} summand coordinates were outside the range R and clipped" in caplog.text
+
+
 def test_secure_round_aborts_below_threshold():
     fold = MeanDeltaFold()
     fold.start(_global())

@@ -244,8 +244,12 @@ class DPSGDConfig(GaussianDPConfig):
 
     max_grad_norm: float = Field(1.0, gt=0)  # C: every example's gradient is clipped to this L2 norm
     # per_client: each client calibrates its own sigma_i from target_epsilon, its sampling rate and planned
-    # steps (a larger silo needs less noise); shared: one sigma for all, set by the most exposed client
-    noise: Literal["per_client", "shared"] = "per_client"
+    # steps (a larger silo needs less noise); shared: one sigma for all, set by the most exposed client;
+    # distributed: one sigma for the securely aggregated sum, each client adding its share sigma / sqrt(t)
+    # (t = privacy.secure_aggregation.threshold; fedfm.privacy.dp_sgd, "Distributed noise")
+    noise: Literal["per_client", "shared", "distributed"] = "per_client"
+    # q for every client (expected batch q * n_i); None: q_i = min(1, train.batch_size / n_i)
+    sampling_rate: float | None = Field(None, gt=0, le=1)
 
 
 class PrivacyConfig(Section):

@@ -40,6 +40,23 @@ local data set). Each of its steps is a Poisson-sampled Gaussian mechanism
 one over the size of the protected data set, as usual (for any silo under
 100,000 examples that is 1e-5).
 
+Distributed noise (``noise: distributed``): with secure aggregation the
+server sees only the cohort's sum, so the Gaussian noise need only be there in
+the sum (the hybrid of secure aggregation and DP of Truex et al. 2019, "A
+Hybrid Approach to Privacy-Preserving Federated Learning"; the distributed DP of
+Kairouz, Liu & Steinke 2021). Each client adds ``N(0, σ²C²/t)``, ``t`` being the
+secure-aggregation threshold: every sum the server can unmask has at least ``t``
+shares, so its noise std is at least ``σC``. With one local SGD step per round,
+one sampling rate ``q`` for every client and example-weighted FedAvg, the
+aggregate is then exactly central DP-SGD on the union of the cohort's data
+(Poisson rate ``q``, expected batch ``q·Σn_i``), and the accountant above holds
+against the server and everyone who sees the global models: noise ``√t`` times
+smaller than local noise for the same ε. It does not hold against a server that
+colludes with more than ``m - t`` of a round's ``m`` clients (their shares can be
+subtracted), nor for the fixed-point rounding of the masked sums (step below
+1e-6 of the range here; Kairouz et al.'s discrete Gaussian removes that caveat).
+:func:`fedfm.runtime.compose.build_dp_sgd` enforces the conditions.
+
 Randomness: batches and noise are drawn from ``torch.Generator`` objects
 seeded from the run seed, the round and the client, so simulations are
 reproducible -- fine for research, not for deployment (torch's PRNG is not
@@ -71,7 +88,7 @@ log = logging.getLogger("fedfm")
 ENGINES = ("auto", "hooks", "loop")
 
 
-def sampling_rate(batch_size: int, num_examples: int) -> float:
+def sampling_rate_for(batch_size: int, num_examples: int) -> float:
     """Poisson inclusion probability ``q = min(1, B / n)``: the expected batch is ``B`` (all of a small client)."""
     if num_examples < 1:
         raise ValueError(f"a client with {num_examples} training examples cannot train")
@@ -185,6 +202,7 @@ class SampleLevelAccountant:
         batch_size: int,
         delta: float | None = None,
         kind: str = "rdp",
+        sampling_rate: float | None = None,
     ) -> None:
         if isinstance(noise_multiplier, Mapping):
             sigma = {int(c): float(s) for c, s in noise_multiplier.items()}
@@ -199,12 +217,15 @@ class SampleLevelAccountant:
             raise ValueError(f"accountant kind must be one of {KINDS}, got {kind!r}")
         if delta is not None and not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if sampling_rate is not None and not 0 < sampling_rate <= 1:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
         self.sigma = sigma  # σ_i per client
         self.noise_multiplier = max(sigma.values(), default=0.0)  # the largest σ_i
         self.kind = kind
         self.batch_size = int(batch_size)
         self.sizes = {int(c): int(n) for c, n in sizes.items()}
-        self.q = {c: sampling_rate(batch_size, n) for c, n in self.sizes.items()}
+        self.sampling_rate = None if sampling_rate is None else float(sampling_rate)  # one q for all, or None
+        self.q = {c: self.sampling_rate or sampling_rate_for(batch_size, n) for c, n in self.sizes.items()}
         self.delta_given = None if delta is None else float(delta)
         self.delta = {c: float(delta) if delta is not None else default_delta(n) for c, n in self.sizes.items()}
         self.steps = {c: 0 for c in self.sizes}
@@ -239,13 +260,15 @@ class SampleLevelAccountant:
             "batch_size": self.batch_size,
             "sizes": {str(c): n for c, n in self.sizes.items()},
             "delta": self.delta_given,
+            "sampling_rate": self.sampling_rate,
             "steps": {str(c): t for c, t in self.steps.items()},
             "participations": {str(c): t for c, t in self.participations.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         sizes = {int(c): int(n) for c, n in state["sizes"].items()}
-        self.__init__(state["noise_multiplier"], sizes, state["batch_size"], state["delta"], state["kind"])
+        self.__init__(state["noise_multiplier"], sizes, state["batch_size"], state["delta"], state["kind"],
+                      state.get("sampling_rate"))
         self.steps = {int(c): int(t) for c, t in state["steps"].items()}
         self.participations = {int(c): int(t) for c, t in state["participations"].items()}
 
@@ -402,15 +425,20 @@ class LocalDPSGD:
         target_epsilon: float | None = None,
         steps_per_round: Mapping[int, int] | None = None,
         engine: str = "auto",
+        noise_share: float = 1.0,
     ) -> None:
         if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
         if target_epsilon is not None and not target_epsilon > 0:
             raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+        if not 0 < noise_share <= 1:
+            raise ValueError(f"noise_share must be in (0, 1], got {noise_share}")
         self.fm = fm
         self.enc = enc
         self.accountant = accountant
         self.max_grad_norm = float(max_grad_norm)
+        # a client's noise std is noise_share * sigma_i * C: 1 for local noise, 1 / sqrt(t) for distributed noise
+        self.noise_share = float(noise_share)
         self.target_epsilon = target_epsilon
         self.steps_per_round = dict(steps_per_round or {})  # for exhausted(): each client's local steps
         self.grads = PerExampleGradients(fm.model, fm.params, fm.task, engine)
@@ -472,7 +500,9 @@ class LocalDPSGD:
             "target_epsilon": self.target_epsilon,
             "planned_participations": self.planned_participations,
             "accountant": acc.kind,
-            "expected_batch_size": acc.batch_size,
+            "expected_batch_size": acc.batch_size if acc.sampling_rate is None else None,
+            "sampling_rate": acc.sampling_rate,  # one q for all clients (else q_i = min(1, B / n_i))
+            "noise_share": self.noise_share,  # 1: local noise; 1/sqrt(t): distributed noise (secure aggregation)
             "sampling_rate_min": min(qs),
             "sampling_rate_max": max(qs),
             "clients_trained": len(acc.trained()),
@@ -505,13 +535,13 @@ class DPSGDSession:
                 f"{owner.accountant.sizes[cid]}"
             )
         self.q = owner.accountant.q[cid]
-        self.expected_batch_size = self.q * len(self.rows)  # min(B, n_i)
+        self.expected_batch_size = self.q * len(self.rows)  # min(B, n_i), or q·n_i with one sampling rate
         self.batch_gen = torch.Generator().manual_seed(int(seed))
         noise_seed = int(np.random.SeedSequence([int(seed), 0xD95]).generate_state(1, np.uint64)[0] >> 1)
         self.noise_gen = torch.Generator().manual_seed(noise_seed)
 
     def step(self) -> torch.Tensor:
-        """Set ``(Σ clip(g_b) + N(0, σ²C²)) / (q·n)`` as ``.grad``; return ``Σ loss_b / (q·n)``.
+        """Set ``(Σ clip(g_b) + N(0, s²σ²C²)) / (q·n)`` as ``.grad`` (``s`` = noise share); return ``Σ loss_b / (q·n)``.
 
         The returned loss (the objective DP-SGD differentiates, before clipping)
         is an unbiased estimate of the mean training loss; 0 for an empty batch.
@@ -526,7 +556,7 @@ class DPSGDSession:
         else:
             sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
             loss_sum = torch.zeros((), device=params[0].device)
-        std = o.accountant.sigma[self.cid] * C
+        std = o.noise_share * o.accountant.sigma[self.cid] * C
         for p, s in zip(params, sums):
             if std > 0:
                 noise = torch.normal(0.0, std, size=tuple(p.shape), generator=self.noise_gen)

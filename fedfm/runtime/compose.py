@@ -24,7 +24,7 @@ from fedfm.privacy.dp_sgd import (
     calibrate_noise_multiplier,
     calibrate_per_client,
     default_delta,
-    sampling_rate,
+    sampling_rate_for,
 )
 from fedfm.robustness.aggregators import ServerUpdate, build_robust_fold, cohort_requirement
 from fedfm.runtime.client import Client, LocalTrainer
@@ -172,19 +172,55 @@ def check_secure_aggregation(cfg: RunConfig) -> None:
         raise FedfmError(f"privacy.secure_aggregation.bits={sa.bits}: a sum of {n} clients overflows 32 bits")
 
 
+def distributed_noise_share(cfg: RunConfig, sizes: dict[int, int]) -> float:
+    """``1 / sqrt(t)`` for ``privacy.dp_sgd.noise: distributed``, after checking the conditions it needs.
+
+    Each client's noise std is then ``σC / √t`` and every sum the server can
+    unmask holds at least ``t`` of them (module doc of :mod:`fedfm.privacy.dp_sgd`).
+    The aggregate equals central DP-SGD only with one SGD step per round from the
+    global model, one sampling rate for all, and FedAvg's example weights
+    uncapped; each condition missing is a one-line error.
+    """
+    d, sa, tc = cfg.privacy.dp_sgd, cfg.privacy.secure_aggregation, cfg.train
+    why = "privacy.dp_sgd.noise=distributed"
+    if not sa.enabled:
+        raise FedfmError(f"{why} needs privacy.secure_aggregation.enabled=true (the server may see only the sum)")
+    if sa.threshold is None:
+        raise FedfmError(f"{why} needs privacy.secure_aggregation.threshold: the fewest noise shares a sum can hold")
+    if d.sampling_rate is None:
+        raise FedfmError(f"{why} needs privacy.dp_sgd.sampling_rate (one Poisson rate q for every client)")
+    if tc.local_steps != 1 or tc.local_epochs is not None:
+        raise FedfmError(f"{why} needs train.local_steps=1 (the update must be one noised gradient step)")
+    if tc.optimizer != "sgd":
+        raise FedfmError(f"{why} needs train.optimizer=sgd (an update linear in the noised gradient)")
+    if cfg.algorithm.weighting != "examples":
+        raise FedfmError(f"{why} needs algorithm.weighting=examples")
+    if cfg.privacy.client_dp.enabled:
+        raise FedfmError(f"{why} cannot be combined with privacy.client_dp")
+    if max(sizes.values()) > sa.max_weight:
+        raise FedfmError(
+            f"{why}: a client has {max(sizes.values())} examples, more than "
+            f"privacy.secure_aggregation.max_weight={sa.max_weight:g} (its weight would be capped)"
+        )
+    return 1.0 / math.sqrt(sa.threshold)
+
+
 def build_dp_sgd(cfg: RunConfig, fm, enc, clients) -> LocalDPSGD | None:
     """Local sample-level DP-SGD on every client (``privacy.dp_sgd``), or None when it is off.
 
     Without ``noise_multiplier``, σ is calibrated so that every client ends
     within ``target_epsilon`` after its *planned* participations
     ``P = ceil(rounds · clients_per_round / num_clients)`` (the expected number,
-    rounded up) of ``K_i`` local steps each at ``q_i = min(1, B / n_i)``. With
+    rounded up) of ``K_i`` local steps each at ``q_i = min(1, B / n_i)`` (or the
+    one ``sampling_rate``). With
     ``noise: per_client`` (the default) each client gets its own σ_i and lands at
     the target; with ``noise: shared`` one σ serves all: the client with the
     most expected steps at the largest ``q`` lands at the target, the others below it. A client sampled more often than planned sits
     out once its next participation would pass the target (with both
     ``noise_multiplier`` and ``target_epsilon`` given, that check alone holds
-    the budget); the run stops when no client can train again.
+    the budget); the run stops when no client can train again. With ``noise:
+    distributed`` one σ is calibrated as for ``shared`` and each client adds its
+    share of it (:func:`distributed_noise_share`).
     """
     d = cfg.privacy.dp_sgd
     if not d.enabled:
@@ -200,13 +236,14 @@ def build_dp_sgd(cfg: RunConfig, fm, enc, clients) -> LocalDPSGD | None:
     sizes = {c.cid: len(c.train_idx) for c in clients}
     if min(sizes.values(), default=0) < 1:
         raise FedfmError("privacy.dp_sgd: every client needs at least one training example")
+    share = distributed_noise_share(cfg, sizes) if d.noise == "distributed" else 1.0
     steps = {cid: steps_for(n, tc.batch_size, tc.local_steps, tc.local_epochs) for cid, n in sizes.items()}
     sigma, planned = d.noise_multiplier, None
     if sigma is None:
         f = cfg.federation
         planned = math.ceil(f.rounds * f.clients_per_round / len(sizes) - 1e-9)
         plans = {
-            cid: (sampling_rate(tc.batch_size, n), d.delta if d.delta is not None else default_delta(n), planned * steps[cid])
+            cid: (d.sampling_rate or sampling_rate_for(tc.batch_size, n), d.delta if d.delta is not None else default_delta(n), planned * steps[cid])
             for cid, n in sizes.items()
         }
         try:
@@ -216,8 +253,8 @@ def build_dp_sgd(cfg: RunConfig, fm, enc, clients) -> LocalDPSGD | None:
                 sigma = calibrate_noise_multiplier(d.target_epsilon, list(plans.values()), d.accountant)
         except ValueError as err:
             raise FedfmError(f"privacy.dp_sgd: {err}") from None
-    accountant = SampleLevelAccountant(sigma, sizes, tc.batch_size, d.delta, d.accountant)
-    dp = LocalDPSGD(fm, enc, accountant, d.max_grad_norm, d.target_epsilon, steps_per_round=steps)
+    accountant = SampleLevelAccountant(sigma, sizes, tc.batch_size, d.delta, d.accountant, d.sampling_rate)
+    dp = LocalDPSGD(fm, enc, accountant, d.max_grad_norm, d.target_epsilon, steps_per_round=steps, noise_share=share)
     dp.planned_participations = planned
     if dp.exhausted():
         raise FedfmError(

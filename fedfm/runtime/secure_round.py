@@ -23,6 +23,7 @@ Shamir shares; when fewer than the threshold remain the round aborts with
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from typing import Mapping
@@ -35,6 +36,8 @@ from fedfm.privacy.secagg import SecAggClient, SecAggServer, neighbour_graph
 from fedfm.privacy.secagg_quant import Quantizer
 from fedfm.privacy.secagg_wire import pack, unpack
 from fedfm.runtime.ledger import ByteLedger
+
+log = logging.getLogger("fedfm")
 
 
 def default_threshold(cohort: list[int], degree: int | None, round_seed: bytes) -> int:
@@ -95,6 +98,7 @@ class SecureRound:
         to = self.server.on_shares([self._up(c, self.clients[c].share_keys(self._down(c, m))) for c, m in to.items()])
         self._share_msgs = to
         self._masked: list[dict] = []
+        self.clipped = 0  # summand coordinates outside the public range [-R, R], clipped before masking
 
     # -- messages -------------------------------------------------------------
     def _up(self, cid: int, msg: dict) -> dict:
@@ -112,7 +116,9 @@ class SecureRound:
         """The client's flattened, range-scaled summand (float64)."""
         tensors, scalars = self.fold.summand(update, self.max_weight)
         parts = [tensors[k].reshape(-1).cpu().numpy() / self.scale for k in self.keys]
-        return np.concatenate(parts + [np.asarray(scalars, dtype=np.float64)])
+        vec = np.concatenate(parts + [np.asarray(scalars, dtype=np.float64)])
+        self.clipped += int(np.count_nonzero(np.abs(vec) > 1.0))  # counted on the client; a diagnostic
+        return vec
 
     def submit(self, update: Update) -> None:
         """Client ``update.client_id`` masks and uploads its summand."""
@@ -133,7 +139,11 @@ class SecureRound:
             tensors[k] = torch.from_numpy(flat[offset : offset + size] * self.scale).reshape(self.shapes[k])
             offset += size
         self.fold.absorb_sum(tensors, [float(x) for x in flat[offset:]], result.count)
+        if self.clipped:
+            log.warning("secure aggregation: %d summand coordinates were outside the range R and clipped "
+                        "(raise privacy.secure_aggregation.clip_range)", self.clipped)
         return {
+            "secagg_clipped": self.clipped,
             "secagg_survivors": result.count,
             "secagg_dropped": len(result.dropped),
             "secagg_threshold": self.threshold,
