@@ -453,8 +453,15 @@ def test_refused_combinations_are_one_cli_line(tmp_path, extra, fragment):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_distributed_example_config_meets_every_condition():
+def test_distributed_example_is_the_bench_recipe_and_meets_every_condition(monkeypatch):
+    from pathlib import Path
+
     from fedfm.runtime.compose import distributed_noise_share
 
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from dp_tradeoff import jobs_for
+
     cfg = load_config("examples/dp_sgd_secagg.yaml")
+    (job,) = jobs_for("cross-silo-secagg", [8.0], seed=0)
+    assert cfg == load_config(None, job.overrides + ["name=dp_sgd_secagg"])  # the measured recipe, spelled out
     assert distributed_noise_share(cfg, {c: 171 for c in range(20)}) == pytest.approx(11 ** -0.5)
