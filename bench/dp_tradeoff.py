@@ -28,7 +28,7 @@ by fedfm from ``target_epsilon`` and the planned rounds.
 Usage::
 
     python bench/dp_tradeoff.py --out runs/bench-dp --jobs 4 --threads 4
-    python bench/dp_tradeoff.py --setting cross-silo-secagg --epsilons 8 inf --seeds 0 1 --jobs 2
+    python bench/dp_tradeoff.py --setting cross-silo-secagg --epsilons 8 inf --seeds 0 1 2 --jobs 2
     python bench/dp_tradeoff.py --setting cross-device --epsilons 8 inf --seeds 0 1 2 --jobs 6 --set device=cuda
     python bench/dp_tradeoff.py --setting cross-device --epsilons 8 inf --set federation.rounds=2   # smoke
 
