@@ -242,15 +242,12 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     ckpt = checkpoint.Checkpointer(out, cfg.checkpoint.every, cfg.checkpoint.keep,
                                    sections=None if engine is None else {"asynchronous": engine.state_dict})
     start_round, kept = 1, None
-    if resume is not None and (last_ckpt := checkpoint.latest(out)) is not None:
-        ckpt_meta, ckpt_tensors = checkpoint.load(last_ckpt)
-        kept = checkpoint.kept_metrics(out, ckpt_meta["metrics_lines"])
+    if (found := checkpoint.load_for_resume(out, resume, cfg.checkpoint.every)) is not None:
+        ckpt_meta, ckpt_tensors, kept = found
         checkpoint.restore(ckpt_meta, ckpt_tensors, sim, server, clients, dp_sgd)
         if engine is not None:
             engine.load_state_dict(checkpoint.section(ckpt_meta, "asynchronous"), ckpt_tensors, ckpt_meta["orders"])
         start_round = ckpt_meta["round"] + 1
-    elif resume is not None and cfg.checkpoint.every == 0:
-        raise FedfmError(f"cannot resume {out}: it ran with checkpoint.every=0 (no checkpoints)")
     # Everything read-only is built: split the rounds across worker processes (fedfm.runtime.workers).
     group = start_workers(cfg, device)
     sim.group = group

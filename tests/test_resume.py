@@ -106,8 +106,7 @@ def kill_resume_compare(tmp_path, kill_round, kill_call, expect_ckpt, cli=False,
     else:  # wherever the kill fell, some checkpoint was written before it
         assert last is not None
         meta, _ = checkpoint.load(last)
-        if meta.get("asynchronous"):
-            assert meta["asynchronous"]["inflight"], "the kill should leave clients in flight"
+        assert checkpoint.section(meta, "asynchronous")["inflight"], "the kill should leave clients in flight"
     rounds_logged = [r["round"] for r in metrics(run_dir)]
     if cli:  # the command line a user types: fedfm run --resume RUN_DIR
         res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--quiet"])

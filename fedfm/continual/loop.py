@@ -151,9 +151,8 @@ def run_continual(cfg: RunConfig, console=None, resume=None) -> dict:
     T = plan.num_stages
     rnd, start_stage, start_round, kept = 0, 0, 1, None
     ckpt = checkpoint.Checkpointer(out, cfg.checkpoint.every, cfg.checkpoint.keep)
-    if resume is not None and (last_ckpt := checkpoint.latest(out)) is not None:
-        meta, tensors = checkpoint.load(last_ckpt)
-        kept = checkpoint.kept_metrics(out, meta["metrics_lines"])
+    if (found := checkpoint.load_for_resume(out, resume, cfg.checkpoint.every)) is not None:
+        meta, tensors, kept = found
         loop = checkpoint.section(meta, "continual")
         rnd, R, P, per_stage = int(meta["round"]), loop["R"], loop["P"], loop["per_stage"]
         task_states = [checkpoint.get_group(tensors, meta["orders"], f"continual/task/{j}") for j in range(loop["tasks"])]
@@ -166,8 +165,6 @@ def run_continual(cfg: RunConfig, console=None, resume=None) -> dict:
         checkpoint.restore(meta, tensors, sim, server, stage_clients)  # last: it also sets the RNG states
         done = loop["round_in_stage"] == per_stage_rounds
         start_stage, start_round = loop["stage"] + done, 1 if done else loop["round_in_stage"] + 1
-    elif resume is not None and cfg.checkpoint.every == 0:
-        raise FedfmError(f"cannot resume {out}: it ran with checkpoint.every=0 (no checkpoints)")
 
     def loop_state(stage: int, round_in_stage: int):
         """The checkpoint section of the loop's own state after round ``round_in_stage`` of ``stage``."""

@@ -350,6 +350,23 @@ def section(meta: dict, name: str):
     return meta[name]
 
 
+def load_for_resume(run_dir, resume, every: int) -> tuple[dict, dict[str, torch.Tensor], list[dict]] | None:
+    """``(meta, tensors, kept metrics records)`` of the latest checkpoint when ``resume`` is set.
+
+    None when not resuming, or when the killed run wrote no checkpoint yet (it
+    starts over); a one-line error when it ran with ``checkpoint.every=0``.
+    """
+    if resume is None:
+        return None
+    last = latest(run_dir)
+    if last is None:
+        if every == 0:
+            raise FedfmError(f"cannot resume {run_dir}: it ran with checkpoint.every=0 (no checkpoints)")
+        return None
+    meta, tensors = load(last)
+    return meta, tensors, kept_metrics(run_dir, meta["metrics_lines"])
+
+
 def kept_metrics(run_dir, lines: int) -> list[dict]:
     """The first ``lines`` records of ``metrics.jsonl`` (those the checkpoint had written)."""
     path = Path(run_dir) / "metrics.jsonl"
