@@ -113,9 +113,9 @@ def calibrate_norm_bound(config: str | None, overrides: list[str]) -> dict:
     from fedfm.data.sources import load_text_dataset
     from fedfm.models import build_model
     from fedfm.models.state import get_state
-    from fedfm.runner import build_clients, seed_everything
-    from fedfm.runtime.client import LocalTrainer
-    from fedfm.runtime.simulation import sample_cohort
+    from fedfm.build import build_clients, seed_everything
+    from fedfm.client.trainer import LocalTrainer
+    from fedfm.drivers.simulation import sample_cohort
 
     cfg = load_config(config, overrides + ["attack.name=none", "robust.rule=mean"])
     if cfg.threads:

@@ -2,8 +2,8 @@
 
 all-MiniLM-L6-v2 + LoRA (r = 8) on BBC News, ``--clients`` clients of 32
 examples, ``--steps`` local steps of batch 8 each. The same clients are
-trained by :class:`~fedfm.runtime.client.LocalTrainer` (one after another)
-and by :class:`~fedfm.runtime.batched.BatchedTrainer` with each group size in
+trained by :class:`~fedfm.client.trainer.LocalTrainer` (one after another)
+and by :class:`~fedfm.client.batched.BatchedTrainer` with each group size in
 ``--groups``; dropout is switched off so both must give the same deltas (the
 script checks the largest difference). Prints seconds per client and the
 speed-up of each group size over one-after-another, on ``--device``.
@@ -34,8 +34,9 @@ from fedfm.data.encode import encode  # noqa: E402
 from fedfm.data.sources import load_text_dataset  # noqa: E402
 from fedfm.models import build_model  # noqa: E402
 from fedfm.models.state import get_state  # noqa: E402
-from fedfm.runtime.batched import BatchedTrainer  # noqa: E402
-from fedfm.runtime.client import Client, LocalTrainer  # noqa: E402
+from fedfm.client.batched import BatchedTrainer  # noqa: E402
+from fedfm.client.data import Client  # noqa: E402
+from fedfm.client.trainer import LocalTrainer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

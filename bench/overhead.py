@@ -34,9 +34,10 @@ from fedfm.data.encode import encode  # noqa: E402
 from fedfm.data.sources import load_text_dataset  # noqa: E402
 from fedfm.models import build_model  # noqa: E402
 from fedfm.models.state import get_state, set_state_  # noqa: E402
-from fedfm.runner import build_clients  # noqa: E402
-from fedfm.runtime.client import LocalTrainer, derive_seed  # noqa: E402
-from fedfm.runtime.simulation import Simulation, sample_cohort  # noqa: E402
+from fedfm.build import build_clients  # noqa: E402
+from fedfm.client.trainer import LocalTrainer  # noqa: E402
+from fedfm.drivers.simulation import sample_cohort, simulation  # noqa: E402
+from fedfm.seeds import derive_seed  # noqa: E402
 
 SCENARIOS = {
     # name: (clients, per round, local steps, rounds, target ratio)
@@ -110,10 +111,10 @@ def run_scenario(name: str, repeats: int) -> float:
         set_state_(fm.params, state0)
         algo = build_algorithm(cfg.algorithm, num_clients)
         trainer = LocalTrainer(fm, enc, cfg.train, seed=cfg.seed)
-        sim = Simulation(trainer, algo, clients, per_round, cfg.seed, state0)
+        sim = simulation(trainer, algo, clients, per_round, cfg.seed, state0)
         for r in range(1, rounds + 1):
             sim.run_round(r)
-        return sim.global_state
+        return sim.server.global_state
 
     def plain_side():
         set_state_(fm.params, state0)

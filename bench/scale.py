@@ -128,8 +128,8 @@ def plain_main(args: list[str], threads: int) -> None:
     from fedfm.data.sources import load_text_dataset
     from fedfm.models import build_model
     from fedfm.models.state import get_state
-    from fedfm.runner import build_clients, split_holdout
-    from fedfm.runtime.simulation import sample_cohort
+    from fedfm.build import build_clients, split_holdout
+    from fedfm.drivers.simulation import sample_cohort
     from overhead import plain_loop
 
     torch.set_num_threads(threads)

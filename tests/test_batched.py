@@ -12,8 +12,9 @@ from fedfm.config.schema import ModelConfig, TrainConfig
 from fedfm.errors import FedfmError
 from fedfm.models import build_model
 from fedfm.models.state import get_state
-from fedfm.runtime.batched import BatchedTrainer, additive_mask
-from fedfm.runtime.client import Client, LocalTrainer
+from fedfm.client.batched import BatchedTrainer, additive_mask
+from fedfm.client.data import Client
+from fedfm.client.trainer import LocalTrainer
 
 from tables import random_table
 from test_end_to_end import tiny_cls_overrides

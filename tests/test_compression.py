@@ -10,12 +10,11 @@ import torch
 
 import fedfm
 from fedfm.algorithms.base import Broadcast, Update
-from fedfm.compression import CodecError, Compressor, RESIDUAL_KEY, make_compressor
+from fedfm.compression import RESIDUAL_KEY, CodecError, Wire, wire
 from fedfm.compression.chain import CodecChain, build_codec
 from fedfm.compression.codecs import StochasticQuant
 from fedfm.config import load_config
 from fedfm.errors import FedfmError
-from fedfm.runtime import wire
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +29,7 @@ def roundtrip(ch, x, seed=0):
 
 
 def compressor(**kw):
-    return Compressor(load_config(None, [f"compression.{k}={v}" for k, v in kw.items()]).compression, seed=7)
+    return Wire(load_config(None, [f"compression.{k}={v}" for k, v in kw.items()]).compression, seed=7)
 
 
 @pytest.mark.parametrize("name,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
@@ -97,29 +96,29 @@ def test_error_feedback_two_rounds_by_hand():
     comp = compressor(upload="[topk]", topk_fraction=0.5, error_feedback="true")
     state: dict = {}
     # round 1: keep the 2 largest of [1, -3, 0.5, 2] -> send [0, -3, 0, 2], keep e = [1, 0, 0.5, 0]
-    payload, _ = comp.encode_update(update(4, [1.0, -3.0, 0.5, 2.0]), state, round_idx=1)
+    payload = comp.encode_update(update(4, [1.0, -3.0, 0.5, 2.0]), state, round_idx=1)
     assert comp.decode_update(payload).delta["w"].tolist() == [0.0, -3.0, 0.0, 2.0]
     assert state[RESIDUAL_KEY]["w"].tolist() == [1.0, 0.0, 0.5, 0.0]
     # round 2: code x = [0.5, 1, -0.25, 0] + e = [1.5, 1, 0.25, 0] -> send [1.5, 1, 0, 0], e = [0, 0, 0.25, 0]
-    payload, _ = comp.encode_update(update(4, [0.5, 1.0, -0.25, 0.0]), state, round_idx=2)
+    payload = comp.encode_update(update(4, [0.5, 1.0, -0.25, 0.0]), state, round_idx=2)
     assert comp.decode_update(payload).delta["w"].tolist() == [1.5, 1.0, 0.0, 0.0]
     assert state[RESIDUAL_KEY]["w"].tolist() == [0.0, 0.0, 0.25, 0.0]
     # without error feedback the residual is dropped: round 2 sends the plain top-2 of delta
     plain, plain_state = compressor(upload="[topk]", topk_fraction=0.5), {}
-    payload, _ = plain.encode_update(update(4, [0.5, 1.0, -0.25, 0.0]), plain_state, round_idx=2)
+    payload = plain.encode_update(update(4, [0.5, 1.0, -0.25, 0.0]), plain_state, round_idx=2)
     assert plain.decode_update(payload).delta["w"].tolist() == [0.5, 1.0, 0.0, 0.0] and not plain_state
 
 
 def test_error_feedback_residual_is_x_minus_decoded_through_a_lossy_chain():
     comp, state = compressor(upload="[topk,int8]", topk_fraction=0.25, error_feedback="true"), {}
     d1 = torch.randn(64, generator=torch.Generator().manual_seed(3))
-    p1, _ = comp.encode_update(update(1, d1.tolist()), state, 1)
+    p1 = comp.encode_update(update(1, d1.tolist()), state, 1)
     sent1 = comp.decode_update(p1).delta["w"]
     assert torch.allclose(state[RESIDUAL_KEY]["w"], d1 - sent1, atol=0)
     assert int((sent1 != 0).sum()) <= 16
     e1 = state[RESIDUAL_KEY]["w"].clone()
     d2 = torch.randn(64, generator=torch.Generator().manual_seed(4))
-    p2, _ = comp.encode_update(update(1, d2.tolist()), state, 2)
+    p2 = comp.encode_update(update(1, d2.tolist()), state, 2)
     sent2 = comp.decode_update(p2).delta["w"]
     assert torch.allclose(state[RESIDUAL_KEY]["w"], d2 + e1 - sent2, atol=1e-6)
     # nothing is lost, only delayed: what was sent plus what is kept is what was computed
@@ -129,9 +128,9 @@ def test_error_feedback_residual_is_x_minus_decoded_through_a_lossy_chain():
 def test_stochastic_rounding_is_reproducible_from_seed_round_client():
     comp = compressor(upload="[int8]")
     u = update(3, torch.randn(200, generator=torch.Generator().manual_seed(5)).tolist())
-    a, raw = comp.encode_update(u, {}, 2)
-    assert a == comp.encode_update(u, {}, 2)[0]  # same (seed, round, client): the same bytes
-    assert a != comp.encode_update(u, {}, 3)[0]  # another round: other random draws
+    a, raw = comp.encode_update(u, {}, 2), Wire.raw_size(u)
+    assert a == comp.encode_update(u, {}, 2)  # same (seed, round, client): the same bytes
+    assert a != comp.encode_update(u, {}, 3)  # another round: other random draws
     assert raw == len(wire.encode_update(u)) and len(a) < raw
 
 
@@ -139,7 +138,7 @@ def test_coded_broadcast_round_trip_and_download_codecs_are_deterministic():
     comp = compressor(download="[bf16]")
     b = Broadcast(state=OrderedDict(a=torch.randn(5, 3), n=torch.arange(4)), version=3,
                   extras={"c": OrderedDict(a=torch.ones(2))})
-    payload, raw = comp.encode_broadcast(b)
+    payload, raw = comp.encode_broadcast(b), Wire.raw_size(b)
     back = comp.decode_broadcast(payload)
     assert back.version == 3 and raw == len(wire.encode_broadcast(b))
     assert torch.equal(back.state["a"], b.state["a"].bfloat16().float()) and back.state["a"].dtype == torch.float32
@@ -149,7 +148,7 @@ def test_coded_broadcast_round_trip_and_download_codecs_are_deterministic():
 
 def test_malformed_coded_payloads_raise_codec_errors():
     comp = compressor(upload="[topk,int4]", topk_fraction=0.5)
-    good, _ = comp.encode_update(update(1, [1.0, -2.0, 3.0, 0.5]), {}, 1)
+    good = comp.encode_update(update(1, [1.0, -2.0, 3.0, 0.5]), {}, 1)
     with pytest.raises(CodecError, match="malformed payload"):
         comp.decode_update(good[:-7])
     with pytest.raises(CodecError, match="codec chain"):
@@ -162,15 +161,15 @@ def test_malformed_coded_payloads_raise_codec_errors():
     header = json.loads(good[8 : 8 + int.from_bytes(good[:8], "little")])
     meta = header["__metadata__"]
     bad = dict(flat)
-    bad["t0/0.i"] = torch.tensor([0, 9], dtype=torch.int32)  # index past the tensor's 4 entries
+    bad["c0/0.i"] = torch.tensor([0, 9], dtype=torch.int32)  # index past the tensor's 4 entries
     with pytest.raises(CodecError, match="out of range"):
         comp.decode_update(wire.st_save(bad, metadata=meta))
     bad = dict(flat)
-    bad["t0/1.s"] = torch.tensor([float("nan")])
+    bad["c0/1.s"] = torch.tensor([float("nan")])
     with pytest.raises(CodecError, match="finite"):
         comp.decode_update(wire.st_save(bad, metadata=meta))
     bad = dict(flat)
-    del bad["t0/1.q"]
+    del bad["c0/1.q"]
     with pytest.raises(CodecError, match="missing part"):
         comp.decode_update(wire.st_save(bad, metadata=meta))
 
@@ -186,34 +185,33 @@ def test_config_refuses_what_cannot_work():
         load_config(None, ["compression.error_feedback=true"])
     with pytest.raises(FedfmError, match="secure aggregation"):
         fedfm.run(None, ["compression.upload=[int8]", "privacy.secure_aggregation.enabled=true"])
-    with pytest.raises(FedfmError, match="continual"):
-        fedfm.run(None, ["compression.download=[fp16]", "continual.enabled=true"])
-    assert make_compressor(load_config(None, [])) is None  # off: the plain wire, byte for byte
+    assert not Wire(load_config(None, []).compression).coded  # off: the plain wire, byte for byte
 
 
 def test_tiny_run_with_int8_counts_bytes_exactly_and_rejects_a_malformed_payload(tmp_path, monkeypatch, caplog):
     from test_end_to_end import write_topic_csv
 
     sent = {"up": [], "raw_up": [], "down": [], "truncated": None}
-    real_up, real_down = Compressor.encode_update, Compressor.encode_broadcast
+    real_up, real_down = Wire.encode_update, Wire.encode_broadcast
 
     def spy_up(self, u, client_state, round_idx):
-        payload, raw = real_up(self, u, client_state, round_idx)
+        payload = real_up(self, u, client_state, round_idx)
+        raw = len(wire.encode_update(u))  # the uncoded payload, encoded independently
         if round_idx == 2 and sent["truncated"] is None:
             payload = payload[: len(payload) // 2]  # a truncated upload: rejected, not a crash
             sent["truncated"] = len(sent["up"])
+            raw = len(payload)  # the server cannot know what it would have been uncoded
         sent["up"].append(len(payload))
-        sent["raw_up"].append(len(wire.encode_update(u)))  # recomputed independently of `raw`
-        assert raw == sent["raw_up"][-1]
-        return payload, raw
+        sent["raw_up"].append(raw)
+        return payload
 
     def spy_down(self, b):
-        payload, raw = real_down(self, b)
-        sent["down"].append((len(payload), raw))
-        return payload, raw
+        payload = real_down(self, b)
+        sent["down"].append((len(payload), len(wire.encode_broadcast(b))))
+        return payload
 
-    monkeypatch.setattr(Compressor, "encode_update", spy_up)
-    monkeypatch.setattr(Compressor, "encode_broadcast", spy_down)
+    monkeypatch.setattr(Wire, "encode_update", spy_up)
+    monkeypatch.setattr(Wire, "encode_broadcast", spy_down)
     data = write_topic_csv(tmp_path / "topics.csv", n=120)
     out = tmp_path / "run"
     per_round = 3

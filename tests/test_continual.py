@@ -270,5 +270,21 @@ def test_regularized_replay_run_charges_the_anchor_and_refuses_attacks(tmp_path)
     anchor_bytes = len(state_to_bytes(load_state(tmp_path / "ewc" / "final_state.safetensors")[0]))
     assert reg["bytes_down_total"] == naive["bytes_down_total"] + len(stage1) * anchor_bytes
     assert reg["continual"]["replay_capacity"] == 8 and reg["continual"]["regularizer"]["name"] == "ewc"
-    with pytest.raises(FedfmError, match="attacks"):
-        tiny_continual(tmp_path, "bad", **{"attack.name": "sign_flip", "attack.fraction": 0.25})
+    with pytest.raises(FedfmError, match="data attack 'label_flip'"):  # it would rewrite rows the stream replaces
+        tiny_continual(tmp_path, "bad", **{"attack.name": "label_flip", "attack.fraction": 0.25})
+
+
+def test_continual_runs_on_the_shared_setup_with_codecs_and_workers(tmp_path):
+    """The stage loop drives the one-shot run's server and clients: codecs and worker processes combine with it."""
+    extra = {"compression.upload": "[int8]", "compression.download": "[fp16]", "compression.error_feedback": True,
+             "continual.regularizer.name": "l2", "continual.replay.enabled": True, "continual.replay.capacity": 8,
+             "model.method": "lora"}
+    one = tiny_continual(tmp_path, "one", workers=1, **extra)
+    two = tiny_continual(tmp_path, "two", workers=2, **extra)
+    assert one["workers"] == 1 and two["workers"] == 2
+    a, b = (load_state(tmp_path / d / "final_state.safetensors")[0] for d in ("one", "two"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert one["continual"]["accuracy_matrix"] == two["continual"]["accuracy_matrix"]
+    c = one["compression"]
+    assert one["bytes_up_total"] == two["bytes_up_total"] and c["upload"] == ["int8"]
+    assert c["bytes_up_raw_total"] > 1.5 * c["bytes_up_total"]  # int8 values (tiny LoRA tensors: headers weigh in)

@@ -13,10 +13,12 @@ from fedfm.config.schema import DeviceProfile, DevicesConfig, LoraConfig, ModelC
 from fedfm.errors import FedfmError
 from fedfm.models import build_model
 from fedfm.models.state import get_state
-from fedfm.runtime import hetlora
-from fedfm.runtime.client import Client, LocalTrainer
-from fedfm.runtime.devices import Fleet, assign_profiles
-from fedfm.runtime.simulation import Simulation
+from fedfm.client.hetlora import HetRankTrainer
+from fedfm.models import lora_rank
+from fedfm.client.data import Client
+from fedfm.client.trainer import LocalTrainer
+from fedfm.drivers.devices import Fleet, assign_profiles
+from fedfm.drivers.simulation import simulation
 
 from tables import random_table
 from test_end_to_end import tiny_cls_overrides
@@ -85,14 +87,14 @@ def sync_sim(profiles, value, deadline=None, cohort=3, steps=4):
     fleet = Fleet(cfg, 3, seed=0)
     trainer = ConstantClients(lambda c: value(fleet.profile(c).name), steps=steps)
     init = OrderedDict(w=torch.zeros(4))
-    return Simulation(trainer, FedAvg(), clients(3), cohort, 0, init, fleet=fleet), fleet
+    return simulation(trainer, FedAvg(), clients(3), cohort, 0, init, fleet=fleet), fleet
 
 
 def test_a_sync_round_lasts_until_its_slowest_client():
     sim, _ = sync_sim([profile("fast", share=2), profile("slow", share=1, speed=0.25)], {"fast": 1.0, "slow": 4.0}.get)
     rec = sim.run_round(1)
     assert rec["round_virtual_s"] == pytest.approx(16.0) and rec["virtual_s"] == pytest.approx(16.0)  # 4 steps / 0.25
-    assert torch.allclose(sim.global_state["w"], torch.full((4,), 2.0))  # (1 + 1 + 4) / 3
+    assert torch.allclose(sim.server.global_state["w"], torch.full((4,), 2.0))  # (1 + 1 + 4) / 3
     sim.run_round(2)
     assert sim.clock == pytest.approx(32.0)
 
@@ -102,8 +104,8 @@ def test_updates_after_the_deadline_are_left_out_and_the_round_closes_at_it():
                       deadline=10.0)
     rec = sim.run_round(1)
     assert rec["late"] == 1 and rec["accepted"] == 2 and rec["round_virtual_s"] == pytest.approx(10.0)
-    assert torch.allclose(sim.global_state["w"], torch.ones(4))  # the slow client's 4.0 never arrives
-    assert sim.rejected[-1]["reason"].startswith("late")
+    assert torch.allclose(sim.server.global_state["w"], torch.ones(4))  # the slow client's 4.0 never arrives
+    assert sim.server.rejected[-1]["reason"].startswith("late")
     assert rec["bytes_up"] > 0  # it did upload: those bytes were spent
 
 
@@ -111,33 +113,33 @@ def test_clients_that_drop_mid_round_are_left_out_without_losing_the_round():
     profiles = [profile("steady", share=2), profile("flaky", share=1, dropout=0.999)]
     sim, fleet = sync_sim(profiles, {"steady": 1.0, "flaky": 100.0}.get)
     rec = sim.run_round(1)
-    assert rec["dropped"] == 1 and rec["accepted"] == 2 and sim.version == 1
-    assert torch.allclose(sim.global_state["w"], torch.ones(4))
+    assert rec["dropped"] == 1 and rec["accepted"] == 2 and sim.server.version == 1
+    assert torch.allclose(sim.server.global_state["w"], torch.ones(4))
     flaky = next(c for c in range(3) if fleet.profile(c).name == "flaky")
-    assert sim.ledger.per_client[flaky]["down"] > 0 and sim.ledger.per_client[flaky].get("up", 0) == 0
+    assert sim.server.ledger.per_client[flaky]["down"] > 0 and sim.server.ledger.per_client[flaky].get("up", 0) == 0
 
 
 def test_when_every_client_drops_the_global_model_stays():
     sim, _ = sync_sim([profile("flaky", dropout=0.999)], lambda name: 5.0)
     rec = sim.run_round(1)
     assert rec["accepted"] == 0 and rec["dropped"] == 3
-    assert torch.equal(sim.global_state["w"], torch.zeros(4))
+    assert torch.equal(sim.server.global_state["w"], torch.zeros(4))
 
 
 # -- HetLoRA ---------------------------------------------------------------------------
 def test_truncate_pad_and_zero_beyond_touch_only_the_rank_axis():
     state = OrderedDict([("m.lora_A.weight", torch.arange(12.0).reshape(4, 3)),
                          ("m.lora_B.weight", torch.arange(8.0).reshape(2, 4)), ("head.bias", torch.ones(2))])
-    small = hetlora.truncate(state, 2)
+    small = lora_rank.truncate(state, 2)
     assert small["m.lora_A.weight"].shape == (2, 3) and small["m.lora_B.weight"].shape == (2, 2)
     assert torch.equal(small["m.lora_B.weight"], torch.tensor([[0.0, 1.0], [4.0, 5.0]]))
-    padded = hetlora.pad(small, state, 2)
+    padded = lora_rank.pad(small, state, 2)
     assert torch.equal(padded["m.lora_A.weight"], torch.tensor([[0.0, 1, 2], [3, 4, 5], [0, 0, 0], [0, 0, 0]]))
     assert torch.equal(padded["head.bias"], torch.ones(2))
-    assert torch.equal(hetlora.zero_beyond(state, 3)["m.lora_B.weight"][:, 3], torch.zeros(2))
+    assert torch.equal(lora_rank.zero_beyond(state, 3)["m.lora_B.weight"][:, 3], torch.zeros(2))
     assert torch.equal(state["m.lora_B.weight"][:, 3], torch.tensor([3.0, 7.0]))  # the input is untouched
     with pytest.raises(ValueError, match="rank 3"):
-        hetlora.pad(small, state, 3)
+        lora_rank.pad(small, state, 3)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +154,7 @@ def lora_model(r, alpha):
 
 def random_lora_state(fm, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return OrderedDict((k, torch.randn(v.shape, generator=g) * 0.1 if hetlora.rank_axis(k) is not None else v.clone())
+    return OrderedDict((k, torch.randn(v.shape, generator=g) * 0.1 if lora_rank.rank_axis(k) is not None else v.clone())
                        for k, v in get_state(fm.params).items())
 
 
@@ -162,14 +164,14 @@ def test_a_small_rank_client_trains_exactly_a_rank_r_adapter(enc):
     g4 = random_lora_state(fm4)
     tc = TrainConfig(local_steps=3, batch_size=4, lr=0.01)
     client = Client(0, np.arange(12), np.arange(0))
-    het = hetlora.HetRankTrainer(LocalTrainer(fm4, enc, tc, seed=1), lambda c: 2, full_rank=4)
+    het = HetRankTrainer(LocalTrainer(fm4, enc, tc, seed=1), lambda c: 2, full_rank=4)
     got = het.local_update(FedAvg(), Broadcast(g4, 0), client, 1)
-    ref = LocalTrainer(fm2, enc, tc, seed=1).local_update(FedAvg(), Broadcast(hetlora.truncate(g4, 2), 0), client, 1)
+    ref = LocalTrainer(fm2, enc, tc, seed=1).local_update(FedAvg(), Broadcast(lora_rank.truncate(g4, 2), 0), client, 1)
     assert list(got.delta) == list(ref.delta)
     for k, v in ref.delta.items():
         assert got.delta[k].shape == v.shape
         assert torch.allclose(got.delta[k], v, atol=1e-6), k
-    assert any(v.abs().max() > 1e-4 for k, v in ref.delta.items() if hetlora.rank_axis(k) is not None)
+    assert any(v.abs().max() > 1e-4 for k, v in ref.delta.items() if lora_rank.rank_axis(k) is not None)
 
 
 def test_the_server_zero_pads_small_rank_updates_before_the_mean(enc):
@@ -179,24 +181,24 @@ def test_the_server_zero_pads_small_rank_updates_before_the_mean(enc):
     cs = [Client(c, np.arange(10 * c, 10 * c + 10 - 4 * c), np.arange(0)) for c in range(2)]  # 10 and 6 examples
     fleet = Fleet(DevicesConfig(profiles=[profile("big", share=1, lora_rank=4), profile("small", share=1, lora_rank=2)]),
                   2, seed=0)
-    trainer = hetlora.HetRankTrainer(LocalTrainer(fm, enc, tc, seed=2), fleet.rank, 4)
-    sim = Simulation(trainer, FedAvg(), cs, 2, 0, g, fleet=fleet, full_rank=4)
+    trainer = HetRankTrainer(LocalTrainer(fm, enc, tc, seed=2), fleet.rank, 4)
+    sim = simulation(trainer, FedAvg(), cs, 2, 0, g, fleet=fleet, full_rank=4)
     rec = sim.run_round(1)
     assert rec["accepted"] == 2
     small = next(c for c in range(2) if fleet.rank(c) == 2)
-    ups = {c: sim.ledger.per_client[c]["up"] for c in range(2)}
+    ups = {c: sim.server.ledger.per_client[c]["up"] for c in range(2)}
     assert ups[small] < ups[1 - small]  # the rank-2 client uploads fewer bytes
     expect = OrderedDict((k, torch.zeros_like(v)) for k, v in g.items())
     for c in cs:
         u = trainer.local_update(FedAvg(), Broadcast(g, 0), c, 1)
-        for k, d in hetlora.pad(u.delta, g, fleet.rank(c.cid)).items():
+        for k, d in lora_rank.pad(u.delta, g, fleet.rank(c.cid)).items():
             expect[k] += d * len(c.train_idx) / 16
     for k, v in g.items():
-        assert torch.allclose(sim.global_state[k], v + expect[k], atol=1e-6), k
-    a_key = next(k for k in g if hetlora.rank_axis(k) == 0)
+        assert torch.allclose(sim.server.global_state[k], v + expect[k], atol=1e-6), k
+    a_key = next(k for k in g if lora_rank.rank_axis(k) == 0)
     big = cs[1 - small]
     u_big = trainer.local_update(FedAvg(), Broadcast(g, 0), big, 1)
-    rows = sim.global_state[a_key][2:] - g[a_key][2:]  # only the rank-4 client moves components 2..3
+    rows = sim.server.global_state[a_key][2:] - g[a_key][2:]  # only the rank-4 client moves components 2..3
     assert torch.allclose(rows, u_big.delta[a_key][2:] * len(big.train_idx) / 16, atol=1e-6)
 
 

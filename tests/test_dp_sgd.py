@@ -31,7 +31,9 @@ from fedfm.privacy.dp_sgd import (
     poisson_sample,
     sampling_rate_for,
 )
-from fedfm.runtime.client import Client, LocalTrainer, derive_seed
+from fedfm.client.data import Client
+from fedfm.client.trainer import LocalTrainer
+from fedfm.seeds import derive_seed
 from test_end_to_end import tiny_cls_overrides
 
 TEXTS = [
@@ -456,7 +458,7 @@ def test_refused_combinations_are_one_cli_line(tmp_path, extra, fragment):
 def test_distributed_example_is_the_bench_recipe_and_meets_every_condition(monkeypatch):
     from pathlib import Path
 
-    from fedfm.runtime.compose import distributed_noise_share
+    from fedfm.server.compose import distributed_noise_share
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     from dp_tradeoff import jobs_for

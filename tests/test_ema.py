@@ -7,27 +7,28 @@ import torch
 from safetensors.torch import load_file
 
 from fedfm.algorithms.fedavg import FedAvg
-from fedfm.runtime import checkpoint
-from fedfm.runtime.simulation import Simulation
+from fedfm.server import checkpoint
+from fedfm.server.ema import Ema
+from fedfm.drivers.simulation import simulation
 
 from test_devices import ConstantClients, clients
 from test_resume import kill_resume_compare
 
 
 def test_the_ema_follows_the_versions_with_its_warm_up():
-    sim = Simulation(ConstantClients(lambda c: 1.0), FedAvg(), clients(2), 2, 0, OrderedDict(w=torch.zeros(2)))
-    sim.ema_decay = 0.9
-    assert sim.released_state is sim.global_state  # nothing averaged yet
+    sim = simulation(ConstantClients(lambda c: 1.0), FedAvg(), clients(2), 2, 0, OrderedDict(w=torch.zeros(2)))
+    server = sim.server
+    server.ema = Ema(0.9)
+    assert server.released_state is server.global_state  # nothing averaged yet
     seen = []
     for r in range(1, 4):
-        sim.run_round(r)  # the global model moves by +1 a round
-        sim.update_ema()
-        sim.update_ema()  # a second call for the same version changes nothing
-        seen.append(float(sim.released_state["w"][0]))
+        sim.run_round(r)  # the global model moves by +1 a round; the server folds each version in once
+        server.ema.update(server.global_state, server.version)  # a second call for the same version changes nothing
+        seen.append(float(server.released_state["w"][0]))
     d2, d3 = min(0.9, 3 / 12), min(0.9, 4 / 13)
     ema2 = d2 * 1 + (1 - d2) * 2
     assert seen == pytest.approx([1.0, ema2, d3 * ema2 + (1 - d3) * 3])
-    assert float(sim.global_state["w"][0]) == 3.0  # clients keep training from the newest version
+    assert float(sim.server.global_state["w"][0]) == 3.0  # clients keep training from the newest version
 
 
 def test_a_killed_run_with_ema_resumes_bit_identical_and_releases_the_average(tmp_path):

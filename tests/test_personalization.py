@@ -16,12 +16,15 @@ from fedfm.errors import ConfigError, FedfmError
 from fedfm.eval.personal import evaluate_personalized
 from fedfm.models import build_model
 from fedfm.models.state import get_state, load_state, set_state_, state_nbytes
-from fedfm.personalization import PersonalTrainer, build_plan, check_personalization
+from fedfm.client.personal import PersonalTrainer
+from fedfm.personalization import build_plan, check_personalization
 from fedfm.personalization.plan import PERSONAL_STATE
-from fedfm.personalization.trainer import DITTO_TAG, HEAD_TAG
-from fedfm.runtime import simulation as simulation_module
-from fedfm.runtime.client import Client, LocalTrainer, derive_seed
-from fedfm.runtime.simulation import Simulation
+from fedfm.client.personal import DITTO_TAG, HEAD_TAG
+from fedfm.compression.wire import Wire
+from fedfm.client.data import Client
+from fedfm.client.trainer import LocalTrainer
+from fedfm.seeds import derive_seed
+from fedfm.drivers.simulation import simulation
 
 from tables import random_table
 
@@ -91,25 +94,25 @@ def test_personal_tensors_never_go_on_the_wire(model, enc, monkeypatch, method, 
     expect_personal = set(HEAD) | ({k for k in fm.params if ".lora_B." in k} if personal else set())
     assert set(plan.personal_keys) == expect_personal
     sent = {"up": [], "down": []}
-    real_up, real_down = simulation_module.encode_update, simulation_module.encode_broadcast
+    real_up, real_down = Wire.encode_update, Wire.encode_broadcast
 
-    def spy_up(u):
-        sent["up"].append(real_up(u))
+    def spy_up(self, u, client_state, round_idx):
+        sent["up"].append(real_up(self, u, client_state, round_idx))
         return sent["up"][-1]
 
-    def spy_down(b):
-        sent["down"].append(real_down(b))
+    def spy_down(self, b):
+        sent["down"].append(real_down(self, b))
         return sent["down"][-1]
 
-    monkeypatch.setattr(simulation_module, "encode_update", spy_up)
-    monkeypatch.setattr(simulation_module, "encode_broadcast", spy_down)
+    monkeypatch.setattr(Wire, "encode_update", spy_up)
+    monkeypatch.setattr(Wire, "encode_broadcast", spy_down)
     clients = make_clients(3)
     trainer = PersonalTrainer(LocalTrainer(fm, enc, TrainConfig(local_steps=2, batch_size=4), seed=0), plan)
-    sim = Simulation(trainer, FedAvg(), clients, 3, 0, plan.shared(get_state(fm.params)))
+    sim = simulation(trainer, FedAvg(), clients, 3, 0, plan.shared(get_state(fm.params)))
     for r in (1, 2):
         sim.run_round(r)
     shared = plan.shared(get_state(fm.params))
-    assert list(sim.global_state) == list(shared) and not expect_personal & set(sim.global_state)
+    assert list(sim.server.global_state) == list(shared) and not expect_personal & set(sim.server.global_state)
     assert len(sent["up"]) == 6 and len(sent["down"]) == 2
     for kind, prefix in (("up", "delta/"), ("down", "state/")):
         for payload in sent[kind]:
@@ -117,7 +120,7 @@ def test_personal_tensors_never_go_on_the_wire(model, enc, monkeypatch, method, 
             assert set(tensors) == {prefix + k for k in shared}
             assert not any(k.split("/", 1)[1] in expect_personal for k in tensors)
             assert data_bytes == state_nbytes(shared) < state_nbytes(get_state(fm.params))
-    assert sim.ledger.total["up"] == sum(map(len, sent["up"]))
+    assert sim.server.ledger.total["up"] == sum(map(len, sent["up"]))
     for c in clients:  # the personal part stayed with its client, trained
         assert set(c.state[PERSONAL_STATE]) == expect_personal
         assert not torch.equal(c.state[PERSONAL_STATE]["classifier.weight"], plan.initial_personal["classifier.weight"])
@@ -129,7 +132,7 @@ def test_fedper_head_persists_across_rounds_and_equals_a_plain_loop(model, enc, 
     plan = plan_for(fm, "fedper")
     clients = make_clients(2, n_train=10)
     clients[1].train_idx = clients[1].train_idx[:7]  # unequal weights in the mean
-    sim = Simulation(PersonalTrainer(LocalTrainer(fm, enc, tc, seed=3), plan), FedAvg(), clients, 2, 3,
+    sim = simulation(PersonalTrainer(LocalTrainer(fm, enc, tc, seed=3), plan), FedAvg(), clients, 2, 3,
                      plan.shared(initial))
     heads_after = []
     for r in (1, 2):
@@ -156,7 +159,7 @@ def test_fedper_head_persists_across_rounds_and_equals_a_plain_loop(model, enc, 
             for k in HEAD:
                 torch.testing.assert_close(heads_after[r - 1][c.cid][k], heads[c.cid][k], rtol=0, atol=1e-6)
     for k in body:
-        torch.testing.assert_close(sim.global_state[k], body[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(sim.server.global_state[k], body[k], rtol=0, atol=1e-6)
     # round 2 continued from each client's own round-1 head, not from the initial or a shared one
     assert not torch.equal(heads_after[1][0]["classifier.weight"], heads_after[1][1]["classifier.weight"])
 

@@ -20,7 +20,7 @@ from fedfm.eval.backdoor import backdoor_success
 from fedfm.robustness import aggregators as agg
 from fedfm.robustness import attacks as atk
 from fedfm.robustness.poison import check_poisoning, prepare_poisoning
-from fedfm.runtime.client import Client
+from fedfm.client.data import Client
 from test_end_to_end import tiny_cls_overrides
 
 runner = CliRunner()
@@ -221,7 +221,7 @@ def test_fltrust_run_carves_root_out_of_the_holdout_and_logs_trust(tmp_path):
     # the 72 held-out examples: 30 are the server's root data, the other 42 the test set
     from fedfm.config import load_config
     from fedfm.data.sources import load_text_dataset
-    from fedfm.runner import build_clients, split_holdout
+    from fedfm.build import build_clients, split_holdout
 
     cfg = load_config(tmp_path / "ft" / "config.yaml")
     ds = load_text_dataset(cfg.data, cfg.model.task, seed=cfg.seed)

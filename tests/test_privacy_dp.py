@@ -7,7 +7,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from fedfm.algorithms import FedAvg, FedProx, Scaffold, ServerAvgM, ServerSGD, Update
+from fedfm.algorithms import FedAvg, FedProx, MeanDeltaFold, Scaffold, ServerAvgM, ServerSGD, Update
 from fedfm.privacy import (
     ClientDPFold,
     PrivacyAccountant,
@@ -52,7 +52,7 @@ def test_clip_below_norm_unchanged_and_input_untouched():
 # -- the fold -------------------------------------------------------------------
 def test_sigma_zero_is_uniform_mean_of_clipped_deltas():
     g = od(a=[1.0], b=[2.0])
-    fold = ClientDPFold(ServerSGD(1.0), clip_norm=1.0, noise_multiplier=0.0, expected_clients=3)
+    fold = ClientDPFold(MeanDeltaFold(ServerSGD(1.0)), clip_norm=1.0, noise_multiplier=0.0, expected_clients=3)
     fold.start(g)
     fold.add(upd(0, a=[3.0], b=[4.0]))  # -> [0.6, 0.8]
     fold.add(upd(1, a=[0.0], b=[0.5]))  # unchanged
@@ -157,7 +157,7 @@ def test_with_client_dp_keeps_optimizer_and_hook():
     opt = ServerAvgM(1.0, 0.9)
     algo = FedAvg(server_opt=opt, name="fedavgm")
     assert with_client_dp(algo, clip_norm=1.0, noise_multiplier=0.0, expected_clients=1) is algo
-    assert isinstance(algo.fold, ClientDPFold) and algo.fold.optimizer is opt
+    assert isinstance(algo.fold, ClientDPFold) and algo.fold.inner.optimizer is opt  # wrapped, not replaced
     algo.start(od(w=[0.0]))
     algo.add(upd(0, w=[3.0]))
     assert algo.finish()["w"].item() == pytest.approx(1.0)  # clipped to 1, first AvgM step = Δ

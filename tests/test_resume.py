@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 import fedfm
 from fedfm.cli import app
 from fedfm.errors import FedfmError
-from fedfm.runtime import checkpoint
+from fedfm.server import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_continual import continual_overrides  # noqa: E402
@@ -39,8 +39,8 @@ CLOCK = ("wall_s", "round_s")  # the only fields allowed to differ
 
 KILLER = """
 import os, signal, sys
-from fedfm.personalization import PersonalTrainer
-from fedfm.runtime.client import LocalTrainer
+from fedfm.client.personal import PersonalTrainer
+from fedfm.client.trainer import LocalTrainer
 kill_round, kill_call = int(sys.argv[1]), int(sys.argv[2])
 calls = {}
 def killing(original):
@@ -65,6 +65,7 @@ def overrides(tmp_path, name, **extra):
         "eval.every": 2,
         "eval.clients": False,
         "threads": 1,
+        "workers": 1,  # the killer counts local updates in this process
         "out": str(tmp_path / name),
     }
     base.update(extra)
@@ -152,7 +153,7 @@ def test_fedadam_with_adaptive_client_dp_resumes_noise_clip_and_epsilon(tmp_path
     assert resumed["privacy"] == ref["privacy"]
     assert resumed["privacy"]["rounds_accounted"] == 5
     meta, tensors = checkpoint.load(checkpoint.latest(tmp_path / "killed"))
-    assert meta["accountant"]["steps"] == 5 and meta["server"]["state"]["rounds"] == 5
+    assert meta["server"]["accountant"]["steps"] == 5 and meta["server"]["fold"]["state"]["rounds"] == 5
     assert any(k.startswith("server_opt/m/") for k in tensors) and any(k.startswith("server_opt/v/") for k in tensors)
     clip = [r["dp_next_clip_norm"] for r in metrics(tmp_path / "ref") if "dp_next_clip_norm" in r]
     assert len(set(clip)) > 1  # the adaptive clip norm moved, so restoring it was tested
@@ -191,6 +192,7 @@ def test_async_run_killed_with_clients_in_flight_resumes_bit_identical(tmp_path,
     ({"continual.per_task_adapters": True, "algorithm.name": "fedavgm"}, 3, 2, "v000002"),
 ])
 def test_continual_run_killed_resumes_bit_identical(tmp_path, extra, kill_round, kill_call, expect_ckpt):
+    extra = {**extra, "workers": 1}  # the killer counts local updates in this process
     ref = fedfm.run(None, continual_overrides(tmp_path, "ref", **extra))
     killed_run(continual_overrides(tmp_path, "killed", **extra), kill_round, kill_call)
     run_dir = tmp_path / "killed"
@@ -292,24 +294,17 @@ def test_atomic_write_leaves_old_or_new_never_partial(tmp_path, monkeypatch):
 
 
 def test_json_is_the_commit_record_and_keep_prunes(tmp_path):
-    class Sim:  # the attributes Checkpointer.save reads
-        def __init__(self, v):
-            from fedfm.algorithms.fedavg import FedAvg
+    from fedfm.algorithms.fedavg import FedAvg
+    from fedfm.server.server import Server
 
-            self.global_state = {"w": torch.full((3,), float(v))}
-            self.version = v
-            self.algorithm = FedAvg()
-            from fedfm.runtime.ledger import ByteLedger
-
-            self.ledger = ByteLedger()
-            self.rejected = []
-
-    class Server:
-        accountant = None
+    def server(v):
+        s = Server(FedAvg(), {"w": torch.full((3,), float(v))})
+        s.version = v
+        return s
 
     ck = checkpoint.Checkpointer(tmp_path, every=1, keep=2)
     for v in (1, 2, 3):
-        ck.save(v, Sim(v), Server(), [], metrics_lines=v)
+        ck.save(v, server(v), metrics_lines=v)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["v000002.json", "v000002.safetensors", "v000003.json", "v000003.safetensors"]
     # a kill between the tensor file and its JSON: the orphan is ignored, then cleaned up
@@ -318,7 +313,7 @@ def test_json_is_the_commit_record_and_keep_prunes(tmp_path):
     assert checkpoint.latest(tmp_path).name == "v000003.json"
     meta, tensors = checkpoint.load(checkpoint.latest(tmp_path))
     assert torch.equal(tensors["global/w"], torch.full((3,), 3.0)) and meta["metrics_lines"] == 3
-    ck.save(5, Sim(5), Server(), [], metrics_lines=5)
+    ck.save(5, server(5), metrics_lines=5)
     assert not orphan.exists() and checkpoint.latest(tmp_path).name == "v000005.json"
 
 

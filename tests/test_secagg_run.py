@@ -16,8 +16,8 @@ from fedfm.errors import FedfmError
 from fedfm.privacy.client_dp import ClientDPFold
 from fedfm.privacy.secagg_crypto import SecAggAbort
 from fedfm.privacy.secagg_wire import MessageFormatError, pack, unpack
-from fedfm.runtime.ledger import ByteLedger
-from fedfm.runtime.secure_round import SecureRound
+from fedfm.compression.ledger import ByteLedger
+from fedfm.server.secure import SecureRound
 
 TINY = [
     "model.name=tiny-bert",

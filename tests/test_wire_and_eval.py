@@ -7,8 +7,8 @@ import torch
 from fedfm.algorithms.base import Broadcast, Update
 from fedfm.eval.fairness import fairness_stats
 from fedfm.robustness.validate import update_problem
-from fedfm.runtime.ledger import ByteLedger
-from fedfm.runtime.wire import WireError, decode_broadcast, decode_update, encode_broadcast, encode_update
+from fedfm.compression.ledger import ByteLedger
+from fedfm.compression.wire import WireError, decode_broadcast, decode_update, encode_broadcast, encode_update
 
 
 def _state():

@@ -17,7 +17,7 @@ from fedfm.algorithms.fedavg import MeanDeltaFold
 from fedfm.config import load_config
 from fedfm.errors import FedfmError
 from fedfm.privacy.client_dp import ClientDPFold
-from fedfm.runtime.workers import assign, resolve_workers
+from fedfm.drivers.workers import assign, resolve_workers
 
 from test_end_to_end import tiny_cls_overrides
 

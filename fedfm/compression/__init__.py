@@ -1,13 +1,13 @@
 """Update codecs and their byte accounting (fp16/bf16, stochastic int8/int4, top-k + error feedback).
 
-Set per run with the ``compression`` config section; see
-:mod:`fedfm.compression.compressor` for how the simulation uses it.
+Set per run with the ``compression`` config section; :mod:`fedfm.compression.wire`
+is the one wire format every message uses, with or without codecs.
 """
 
 from fedfm.compression.chain import CODECS, SOUND_DOWNLOAD, CodecChain, build_codec, chain_problem
 from fedfm.compression.codecs import Cast, CodecError, StochasticQuant, TopK
-from fedfm.compression.compressor import Compressor
 from fedfm.compression.feedback import RESIDUAL_KEY
+from fedfm.compression.wire import Wire, WireError
 from fedfm.errors import FedfmError
 
 
@@ -19,17 +19,9 @@ def check_compression(cfg) -> None:
     if c.upload and cfg.privacy.secure_aggregation.enabled:
         raise FedfmError("compression.upload cannot be combined with secure aggregation, "
                          "which quantizes and masks the uploads itself (leave compression.upload empty)")
-    if cfg.continual.enabled:
-        raise FedfmError("compression cannot be combined with continual learning (continual.enabled) yet")
-
-
-def make_compressor(cfg) -> "Compressor | None":
-    """The run's Compressor, or None when no codec is configured (the plain wire)."""
-    c = cfg.compression
-    return Compressor(c, cfg.seed) if (c.upload or c.download) else None
 
 
 __all__ = [
-    "CODECS", "SOUND_DOWNLOAD", "Cast", "CodecChain", "CodecError", "Compressor", "RESIDUAL_KEY",
-    "StochasticQuant", "TopK", "build_codec", "chain_problem", "check_compression", "make_compressor",
+    "CODECS", "SOUND_DOWNLOAD", "Cast", "CodecChain", "CodecError", "RESIDUAL_KEY", "StochasticQuant", "TopK",
+    "Wire", "WireError", "build_codec", "chain_problem", "check_compression",
 ]

@@ -16,11 +16,11 @@ number of updates would cost uncoded:
 from __future__ import annotations
 
 
-def compression_summary(cfg, sim, total_params: int, trainable_state_bytes: int) -> dict:
-    """The summary block (``cfg.compression`` describes the chains; ``sim`` a Simulation)."""
+def compression_summary(cfg, server, total_params: int, trainable_state_bytes: int) -> dict:
+    """The summary block (``cfg.compression`` describes the chains; ``server`` the run's Server)."""
     c = getattr(cfg, "compression", None)
-    ledger = sim.ledger
-    uploads = int(getattr(sim, "uploads", 0))
+    ledger = server.ledger
+    uploads = int(server.uploads)
     coded = ledger.total["up"]
     full = 4 * total_params * uploads
     trainable = trainable_state_bytes * uploads

@@ -85,3 +85,16 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 def to_dict(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json")
+
+
+def resolve_config(config, overrides: Iterable[str] = ()) -> RunConfig:
+    """A validated RunConfig from a YAML path (None: the default job), a RunConfig or a dict, plus overrides."""
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config, overrides)
+    if isinstance(config, RunConfig):
+        data = to_dict(config)
+    elif isinstance(config, dict):
+        data = dict(config)
+    else:
+        raise ConfigError(f"config must be a RunConfig, a dict or a YAML path, not {type(config).__name__}")
+    return validate(apply_overrides(data, overrides))

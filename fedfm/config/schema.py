@@ -158,7 +158,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(None, gt=0)
     # Clients trained together in one batched (vmapped) forward/backward over the frozen base
-    # (fedfm.runtime.batched); 1: one after another.
+    # (fedfm.client.batched); 1: one after another.
     batch_clients: int = Field(1, ge=1)
 
     @model_validator(mode="after")
@@ -367,7 +367,7 @@ class ContinualConfig(Section):
 
 
 class CheckpointConfig(Section):
-    """Numbered global-model checkpoints for ``fedfm run --resume RUN_DIR`` (fedfm.runtime.checkpoint).
+    """Numbered global-model checkpoints for ``fedfm run --resume RUN_DIR`` (fedfm.server.checkpoint).
 
     Written atomically to RUN_DIR/checkpoints/ after every ``every``-th round
     (0: never, and the run cannot be resumed); the last ``keep`` are kept.
@@ -406,7 +406,7 @@ class CompressionConfig(Section):
 
 
 class DeviceProfile(Section):
-    """One kind of client device (fedfm.runtime.devices): a share of the clients gets it.
+    """One kind of client device (fedfm.drivers.devices): a share of the clients gets it.
 
     Durations are virtual seconds on the simulation's clock: a local step
     takes ``devices.step_seconds / speed``, a payload ``bytes * 8 / (link_mbps * 1e6)``.
@@ -438,7 +438,7 @@ class DevicesConfig(Section):
 
 
 class AsyncConfig(Section):
-    """Buffered asynchronous training on the virtual clock (fedfm.runtime.asynchronous).
+    """Buffered asynchronous training on the virtual clock (fedfm.drivers.asynchronous).
 
     ``fedbuff`` (Nguyen et al. 2022): the server folds updates as they arrive
     and takes a step every ``buffer_size`` of them, each weighted by
@@ -464,7 +464,7 @@ class RunConfig(Section):
     seed: int = 0
     out: str | None = None  # run folder; default runs/<name>-<timestamp>
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; default: torch's choice
-    # Simulation workers (fedfm.runtime.workers), each one process with one model and one compute thread;
+    # Simulation workers (fedfm.drivers.workers), each one process with one model and one compute thread;
     # None: one per core (capped by the cohort), or 1 where a run cannot be split. torchrun sets its own.
     workers: int | None = Field(None, ge=1)
     # Where the model trains and evaluates: auto (cuda when available, else cpu), cpu, cuda, cuda:N.

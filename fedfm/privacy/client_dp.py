@@ -11,10 +11,11 @@ Private Recurrent Language Models", ICLR). Each round:
    denominator unbiased estimator of the paper, whose sensitivity is ``C/m``)
    or by the actual number of updates (``"actual"``: lower variance, but the
    count itself is then released unnoised — not covered by the accountant),
-   and hand the noised mean to the algorithm's
-   :class:`~fedfm.algorithms.fedopt.ServerOptimizer` exactly as
-   :class:`~fedfm.algorithms.fedavg.MeanDeltaFold` does (FedAvg, FedAvgM,
-   FedAdam ... all become their DP variants; the optimizer is post-processing).
+   and hand the noised mean to the algorithm's own fold as its one update, so
+   its :class:`~fedfm.algorithms.fedopt.ServerOptimizer` steps on it (FedAvg,
+   FedAvgM, FedAdam ... all become their DP variants; the optimizer is
+   post-processing). The DP fold *wraps* the algorithm's fold, it does not
+   replace it.
 
 Why uniform weights: the privacy guarantee needs a bound on how much one
 client can change the released sum. With weight 1 and clipping to ``C``, adding
@@ -59,9 +60,8 @@ from typing import Literal, Mapping
 
 import torch
 
-from fedfm.algorithms.base import Algorithm, Update
-from fedfm.algorithms.fedavg import MeanDeltaFold, compute_dtype
-from fedfm.algorithms.fedopt import ServerOptimizer
+from fedfm.algorithms.base import Algorithm, ServerFold, Update
+from fedfm.algorithms.fedavg import MeanDeltaFold, float_entries
 
 Denominator = Literal["expected", "actual"]
 
@@ -103,11 +103,12 @@ def _round_seed(seed: int, round_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class ClientDPFold(MeanDeltaFold):
-    """DP-FedAvg server fold: clip in ``add``, noise in ``finish``, then a server-optimizer step.
+class ClientDPFold(ServerFold):
+    """DP-FedAvg around the algorithm's fold: clip in ``add``, noise in ``finish``, then the inner fold steps.
 
     Args:
-        optimizer: the server optimizer (default ``ServerSGD(1.0)``: DP-FedAvg).
+        inner: the algorithm's own fold (a :class:`MeanDeltaFold`): it receives the
+            noised mean as its one update and takes its server-optimizer step.
         clip_norm: ``C`` (the initial value when ``adaptive``).
         noise_multiplier: ``z``, total noise multiplier (what the accountant uses).
         expected_clients: ``m``, the expected cohort size (``q · N``).
@@ -124,7 +125,7 @@ class ClientDPFold(MeanDeltaFold):
 
     def __init__(
         self,
-        optimizer: ServerOptimizer | None = None,
+        inner: ServerFold | None = None,
         clip_norm: float = 1.0,
         noise_multiplier: float = 1.0,
         expected_clients: float = 1.0,
@@ -136,7 +137,8 @@ class ClientDPFold(MeanDeltaFold):
         seed: int = 0,
         secure: bool = False,
     ) -> None:
-        super().__init__(optimizer, weighting="uniform")
+        self.inner = inner if inner is not None else MeanDeltaFold()
+        self._global: Mapping[str, torch.Tensor] | None = None
         if not (clip_norm > 0 and math.isfinite(clip_norm)):
             raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
         if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
@@ -182,7 +184,10 @@ class ClientDPFold(MeanDeltaFold):
 
     # -- the fold -----------------------------------------------------------
     def start(self, global_state: Mapping[str, torch.Tensor], version: int = 0) -> None:
-        super().start(global_state, version)
+        self.inner.start(global_state, version)
+        self._global = global_state
+        self._float_keys = [k for k, v in global_state.items() if v.is_floating_point()]
+        self._count = 0
         self._sums: OrderedDict[str, torch.Tensor] | None = None
         self._norm_sum = 0.0
         self._norm_max = 0.0
@@ -192,7 +197,8 @@ class ClientDPFold(MeanDeltaFold):
     def add(self, update: Update) -> bool:
         """Clip the whole float delta jointly to ``C`` and add it with weight 1."""
         g = self._require_started()
-        self.weight(update)  # validates num_examples; the weight is 1 regardless
+        if update.num_examples < 0:  # the weight is 1 regardless
+            raise ValueError(f"client {update.client_id}: num_examples must be >= 0, got {update.num_examples}")
         part = self._float_part(update.delta, g, f"client {update.client_id} delta")
         norm = global_norm(part)
         if not math.isfinite(norm):
@@ -202,8 +208,7 @@ class ClientDPFold(MeanDeltaFold):
             self._sums = OrderedDict((k, torch.zeros_like(g[k], dtype=torch.float64)) for k in self._float_keys)
         for k, acc in self._sums.items():
             acc.add_(part[k].to(device=acc.device, dtype=torch.float64), alpha=factor)
-        self._mean.count += 1
-        self._mean.total_weight += 1.0
+        self._count += 1
         self._norm_sum += norm
         self._norm_max = max(self._norm_max, norm)
         if norm <= self.clip_norm:
@@ -236,8 +241,7 @@ class ClientDPFold(MeanDeltaFold):
         """Take the secure sum of the cohort's summands; per-client norms stay unknown (NaN in the stats)."""
         self._require_started()
         self._sums = OrderedDict((k, tensors[k].to(torch.float64)) for k in self._float_keys)
-        self._mean.count = int(count)
-        self._mean.total_weight = float(count)
+        self._count = int(count)
         self._num_within = round(float(scalars[1]))
         self._num_clipped = int(count) - self._num_within
         self._norm_sum = self._norm_max = math.nan
@@ -248,15 +252,14 @@ class ClientDPFold(MeanDeltaFold):
         sums = self._sums or {}
         tensors = OrderedDict((k, sums[k] if k in sums else torch.zeros(g[k].shape, dtype=torch.float64))
                               for k in self._float_keys)
-        return tensors, [float(self._mean.count), self._norm_sum, self._norm_max, float(self._num_within),
+        return tensors, [float(self._count), self._norm_sum, self._norm_max, float(self._num_within),
                          float(self._num_clipped)]
 
     def merge(self, sums: "OrderedDict[str, torch.Tensor]", scalars: list[list[float]]) -> None:
         """The cohort's summed clipped deltas and counters; the noise is added once, in ``finish``."""
         self._require_started()
         self._sums = OrderedDict((k, sums[k]) for k in self._float_keys)
-        self._mean.count = int(sum(s[0] for s in scalars))
-        self._mean.total_weight = float(self._mean.count)
+        self._count = int(sum(s[0] for s in scalars))
         self._norm_sum = float(sum(s[1] for s in scalars))
         self._norm_max = float(max(s[2] for s in scalars))
         self._num_within = int(sum(s[3] for s in scalars))
@@ -265,22 +268,21 @@ class ClientDPFold(MeanDeltaFold):
     def finish(self) -> "OrderedDict[str, torch.Tensor]":
         g = self._require_started()
         self._global = None
-        n = self._mean.count
+        n = self._count
         gen = self._generator()
         C = self.clip_norm
         sum_std = self.delta_noise_multiplier * C
         denom = self.expected_clients if self.denominator == "expected" else float(max(n, 1))
 
-        x, mean = OrderedDict(), OrderedDict()
+        mean = OrderedDict()
         for k in self._float_keys:
-            dt = compute_dtype(g[k].dtype)
             s = self._sums[k] if self._sums is not None else torch.zeros(g[k].shape, dtype=torch.float64)
             s = s.cpu()
             if sum_std > 0:
                 s = s + torch.normal(0.0, sum_std, size=tuple(s.shape), generator=gen, dtype=torch.float64)
-            x[k] = g[k].detach().to(dt)
-            mean[k] = (s / denom).to(device=g[k].device, dtype=dt)
-        new = self.optimizer.step(x, mean) if self._float_keys else OrderedDict()
+            mean[k] = s / denom
+        if self._float_keys:  # the noised mean is the inner fold's one update: its server optimizer steps on it
+            self.inner.add(Update(client_id=-1, delta=mean, num_examples=1))
 
         stats = {
             "clip_norm": C,
@@ -303,7 +305,23 @@ class ClientDPFold(MeanDeltaFold):
             stats["next_clip_norm"] = self.clip_norm
         self.last_round = stats
         self.rounds += 1
-        return OrderedDict((k, new[k].to(v.dtype) if k in new else v.detach().clone()) for k, v in g.items())
+        return self.inner.finish()
+
+    @property
+    def num_folded(self) -> int:
+        return self._count
+
+    def round_stats(self) -> dict:
+        """The last round's clipping and noise statistics."""
+        return self.last_round
+
+    def _require_started(self) -> Mapping[str, torch.Tensor]:
+        if self._global is None:
+            raise RuntimeError("call start(global_state) before add()/finish()")
+        return self._global
+
+    def _float_part(self, tensors: Mapping[str, torch.Tensor], g: Mapping[str, torch.Tensor], what: str):
+        return float_entries(tensors, g, self._float_keys, what)
 
     # -- state --------------------------------------------------------------
     def _generator(self) -> torch.Generator:
@@ -323,9 +341,10 @@ class ClientDPFold(MeanDeltaFold):
 def with_client_dp(algorithm: Algorithm, **dp_kwargs) -> Algorithm:
     """Make a FedAvg-family algorithm (FedAvg, FedOpt variants, FedProx) its DP-FedAvg variant.
 
-    Replaces ``algorithm.fold`` (a plain :class:`MeanDeltaFold`) in place with a
-    :class:`ClientDPFold` that keeps the same server optimizer (and its state);
-    the client hook is untouched. ``dp_kwargs`` go to :class:`ClientDPFold`.
+    Wraps ``algorithm.fold`` (a plain :class:`MeanDeltaFold`) in a
+    :class:`ClientDPFold`, which hands it the noised mean each round (so its
+    server optimizer and that optimizer's state serve as before); the client
+    hook is untouched. ``dp_kwargs`` go to :class:`ClientDPFold`.
     Returns the same algorithm object. SCAFFOLD is refused: its control-variate
     deltas travel unclipped and unnoised, so it would not be private.
     """
@@ -335,5 +354,5 @@ def with_client_dp(algorithm: Algorithm, **dp_kwargs) -> Algorithm:
             f"client-level DP supports the FedAvg family (MeanDeltaFold); "
             f"{algorithm.name!r} uses {type(fold).__name__}"
         )
-    algorithm.fold = ClientDPFold(fold.optimizer, **dp_kwargs)
+    algorithm.fold = ClientDPFold(fold, **dp_kwargs)
     return algorithm

@@ -55,7 +55,7 @@ smaller than local noise for the same ε. It does not hold against a server that
 colludes with more than ``m - t`` of a round's ``m`` clients (their shares can be
 subtracted), nor for the fixed-point rounding of the masked sums (step below
 1e-6 of the range here; Kairouz et al.'s discrete Gaussian removes that caveat).
-:func:`fedfm.runtime.compose.build_dp_sgd` enforces the conditions.
+:func:`fedfm.server.compose.build_dp_sgd` enforces the conditions.
 
 Randomness: batches and noise are drawn from ``torch.Generator`` objects
 seeded from the run seed, the round and the client, so simulations are
@@ -456,6 +456,14 @@ class LocalDPSGD:
             return True
         acc = self.accountant
         return acc.epsilon(cid, acc.steps[cid] + steps) <= self.target_epsilon
+
+    def state_dict(self, tensors: dict | None = None, orders: dict | None = None) -> dict:
+        """The per-client accountants and the sat-out count (a checkpoint section)."""
+        return {"accountant": self.accountant.state_dict(), "skipped_total": int(self.skipped_total)}
+
+    def load_state_dict(self, meta: dict, tensors=None, orders=None) -> None:
+        self.accountant.load_state_dict(meta["accountant"])
+        self.skipped_total = int(meta["skipped_total"])
 
     def exhausted(self) -> bool:
         """True when no client can take part again without passing ``target_epsilon``."""

@@ -306,7 +306,7 @@ class FLTrustFold(RobustFold):
     It is called once per ``finish()`` (after every client update arrived)
     with the round's global state and version as given to ``start()``; the
     runtime supplies it — in a run, the same local training as the clients',
-    on the server's root dataset (:func:`fedfm.runtime.compose.root_update`).
+    on the server's root dataset (:func:`fedfm.server.compose.root_update`).
     After ``finish()``, ``last_trust`` holds the trust score of every
     buffered update (row order of ``client_ids``).
     """

@@ -10,7 +10,7 @@ applied to training). AdamW is element-wise, so one optimizer over the stacked
 tensors is exactly G independent optimizers; gradient clipping is per client.
 
 Each client keeps its own seeded batch order (the same batches as
-:class:`~fedfm.runtime.client.LocalTrainer`); with dropout off the deltas equal
+:class:`~fedfm.client.trainer.LocalTrainer`); with dropout off the deltas equal
 the one-client-at-a-time trainer's to float tolerance. With dropout on, the
 masks are drawn per client from one seeded stream (``randomness="different"``),
 so they differ from the sequential run's, as two seeds would.
@@ -30,7 +30,9 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedfm.algorithms.base import Algorithm, Broadcast, ClientHook, Update
 from fedfm.data.encode import batch_indices, make_batch, steps_for
 from fedfm.errors import FedfmError
-from fedfm.runtime.client import Client, LocalTrainer, derive_seed, make_optimizer, moved
+from fedfm.client.data import Client
+from fedfm.client.trainer import LocalTrainer, make_optimizer, moved
+from fedfm.seeds import derive_seed
 
 
 def additive_mask(mask: torch.Tensor, causal: bool) -> torch.Tensor:

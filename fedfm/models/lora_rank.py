@@ -7,20 +7,16 @@ rank ``r``; a client of rank ``r_i <= r`` trains the first ``r_i`` components
 zero-pads every update back to rank ``r`` before the usual fold, so a
 component is moved only by the clients that hold it.
 
-The client side runs on the one shared model of rank ``r``: the components a
-client does not hold are zeroed in its copy of the broadcast and their
-gradients are masked, so it trains exactly the rank-``r_i`` adapter
-``B[:, :r_i] A[:r_i]`` (peft's scaling ``alpha / r`` is the same for all).
+This module holds the tensor arithmetic (slice, zero, pad); the client's
+training is :mod:`fedfm.client.hetlora`, the padding happens in the server.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
-
-from fedfm.algorithms.base import Broadcast, Update
 
 
 def rank_axis(name: str) -> int | None:
@@ -71,40 +67,3 @@ def pad(delta: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor],
         full.narrow(axis, 0, rank).copy_(v)
         out[k] = full
     return out
-
-
-class HetRankTrainer:
-    """Wraps a local trainer so that every client trains only its own LoRA rank.
-
-    ``rank_of(cid)`` gives a client's rank (None or the full rank: untouched).
-    Attributes other than ``local_update`` are the wrapped trainer's.
-    """
-
-    def __init__(self, inner, rank_of: Callable[[int], int | None], full_rank: int) -> None:
-        self.inner = inner
-        self.rank_of = rank_of
-        self.full_rank = full_rank
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def local_update(self, algo, broadcast: Broadcast, client, round_idx: int) -> Update | None:
-        rank = self.rank_of(client.cid)
-        if rank is None or rank >= self.full_rank:
-            return self.inner.local_update(algo, broadcast, client, round_idx)
-        mine = Broadcast(state=zero_beyond(broadcast.state, rank), version=broadcast.version, extras=broadcast.extras)
-        handles = []
-        for name, p in self.inner.fm.params.items():
-            axis = rank_axis(name)
-            if axis is not None:
-                mask = torch.zeros_like(p)
-                mask.narrow(axis, 0, rank).fill_(1)
-                handles.append(p.register_hook(lambda g, m=mask: g * m))
-        try:
-            update = self.inner.local_update(algo, mine, client, round_idx)
-        finally:
-            for h in handles:
-                h.remove()
-        if update is not None:
-            update.delta = truncate(update.delta, rank)
-        return update

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from fedfm.config.schema import DeviceProfile, DevicesConfig
-from fedfm.runtime.client import derive_seed
+from fedfm.seeds import derive_seed
 
 log = logging.getLogger("fedfm")
 
@@ -154,3 +154,12 @@ def check_devices(cfg) -> None:
         raise FedfmError(f"attack {cfg.attack.name!r} colludes within a round; asynchronous training has no rounds")
     if a.concurrency > cfg.federation.num_clients:
         raise FedfmError(f"asynchronous.concurrency={a.concurrency} exceeds federation.num_clients={cfg.federation.num_clients}")
+
+
+def smaller_rank(fleet: Fleet, full_rank: int):
+    """``rank_of(cid)``: a client's HetLoRA rank when below ``full_rank`` (the server pads it back), else None."""
+    def rank_of(cid: int) -> int | None:
+        rank = fleet.rank(cid) if 0 <= cid < len(fleet.of) else None
+        return rank if rank is not None and rank < full_rank else None
+
+    return rank_of

@@ -1,4 +1,4 @@
-"""One round of secure aggregation in the simulation: the server folds only the cohort's sum.
+"""One round of secure aggregation: the server folds only the cohort's sum.
 
 The protocol is :mod:`fedfm.privacy.secagg` (Bonawitz et al. 2017, with the
 SecAgg+ neighbourhoods of Bell et al. 2020). Here it is driven message by
@@ -35,7 +35,7 @@ from fedfm.algorithms.base import ServerFold, Update
 from fedfm.privacy.secagg import SecAggClient, SecAggServer, neighbour_graph
 from fedfm.privacy.secagg_quant import Quantizer
 from fedfm.privacy.secagg_wire import pack, unpack
-from fedfm.runtime.ledger import ByteLedger
+from fedfm.compression.ledger import ByteLedger
 
 log = logging.getLogger("fedfm")
 
@@ -77,7 +77,10 @@ class SecureRound:
         clip_range: float,
         max_weight: float,
         round_seed: bytes,
+        on_withheld=None,
     ) -> None:
+        self.on_withheld = on_withheld  # (cid, reason): a client that checked its update and kept it back
+        self.submitted = 0  # masked summands received
         self.fold = fold
         self.ledger = ledger
         self.max_weight = max_weight
@@ -125,6 +128,12 @@ class SecureRound:
         cid = update.client_id
         msg = self._down(cid, self._share_msgs[cid])
         self._masked.append(self._up(cid, self.clients[cid].masked_input(msg, self.vector(update))))
+        self.submitted += 1
+
+    def withheld(self, cid: int, reason: str) -> None:
+        """Client ``cid`` found its own update unfit and sent nothing (it counts as a drop-out)."""
+        if self.on_withheld is not None:
+            self.on_withheld(cid, f"withheld: {reason}")
 
     # -- server side --------------------------------------------------------------
     def finish(self) -> dict:

@@ -1,6 +1,6 @@
 """Client-side training with personal parts: FedPer, FedRep, Ditto and local-only training.
 
-:class:`PersonalTrainer` wraps the one :class:`~fedfm.runtime.client.LocalTrainer`
+:class:`PersonalTrainer` wraps the one :class:`~fedfm.client.trainer.LocalTrainer`
 (same model, same optimizer, same data) and has its ``local_update``
 signature, so the simulation, FLTrust's server update and every fold work
 unchanged. It loads the broadcast's shared tensors and the client's own
@@ -43,7 +43,9 @@ from fedfm.algorithms.fedprox import FedProxHook
 from fedfm.data.encode import batch_indices, make_batch, steps_for
 from fedfm.models.state import get_state, set_state_
 from fedfm.personalization.plan import PERSONAL_STATE, PersonalPlan
-from fedfm.runtime.client import Client, LocalTrainer, derive_seed, moved
+from fedfm.client.data import Client
+from fedfm.client.trainer import LocalTrainer, moved
+from fedfm.seeds import derive_seed
 
 HEAD_TAG = 0x4EAD  # seeds FedRep's head phase
 DITTO_TAG = 0xD170  # seeds Ditto's personal phase

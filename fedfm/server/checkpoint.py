@@ -3,18 +3,17 @@
 After every ``checkpoint.every``-th round the runner writes version ``v`` of
 the global model together with everything the next round depends on:
 
-* ``RUN_DIR/checkpoints/v{v:06d}.safetensors`` — every tensor: the global
-  trainable state, the server optimizer's moments (FedAvgM/FedAdam/FedYogi …
-  ``ServerOptimizer.state``), SCAFFOLD's server control variate ``c``, each
-  client's private persistent tensors (``Client.state``: SCAFFOLD's ``c_i``,
-  personal tensors of personalization) and the torch / numpy RNG states;
+* ``RUN_DIR/checkpoints/v{v:06d}.safetensors`` — every tensor: the server's
+  (:meth:`fedfm.server.server.Server.state_dict`: the global trainable state,
+  the server optimizer's moments, SCAFFOLD's ``c`` ...), those of the
+  sections the caller adds (each client's private persistent tensors,
+  ``Client.state``; an asynchronous run's uploads in flight; the continual
+  loop's replay rows ...) and the torch / numpy RNG states;
 * ``RUN_DIR/checkpoints/v{v:06d}.json`` — everything else, as JSON: round,
-  version, the key order of every tensor group, the client-level DP fold
-  (noise-stream index, adaptive clip norm) and accountant, the DP-SGD
-  per-client accountants, the byte ledger, rejected updates, the number of
-  ``metrics.jsonl`` lines written, python's RNG state, the sections of the
-  callers' own state (an asynchronous run's clients in flight, the
-  continual loop's stage), and the SHA-256 of the tensor file.
+  version, the server's JSON state (fold counters, accountant, byte ledger,
+  rejected updates), each section's JSON, the number of ``metrics.jsonl``
+  lines written, python's RNG state, the key order of every tensor group,
+  and the SHA-256 of the tensor file.
 
 No pickle anywhere. Each file is written under a temporary name, flushed to
 disk and moved into place with :func:`os.replace` (atomic on POSIX and
@@ -40,7 +39,6 @@ import hashlib
 import json
 import os
 import random
-from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
 
@@ -48,15 +46,14 @@ import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
-from safetensors.torch import save as st_save
 
+from fedfm.config import resolve_config, to_dict, validate
+from fedfm.config.load import apply_overrides
 from fedfm.errors import FedfmError
 
-FORMAT = 1
+FORMAT = 2
 CKPT_DIR = "checkpoints"
-LEDGER_TOTALS = ("total", "raw_total")  # cumulative byte counts (raw: before codecs)
 
 
 def checkpoint_dir(run_dir) -> Path:
@@ -99,20 +96,6 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-# -- tensor groups: ordered name -> tensor maps stored under a prefix ------------
-def put_group(tensors: dict, meta_orders: dict, group: str, state: Mapping[str, torch.Tensor]) -> None:
-    meta_orders[group] = list(state.keys())
-    for k, t in state.items():
-        tensors[f"{group}/{k}"] = t.detach().to("cpu").contiguous().clone()
-
-
-def get_group(tensors: Mapping[str, torch.Tensor], orders: dict, group: str) -> "OrderedDict[str, torch.Tensor]":
-    try:
-        return OrderedDict((k, tensors[f"{group}/{k}"]) for k in orders[group])
-    except KeyError as err:
-        raise FedfmError(f"checkpoint is missing tensor group {group!r} ({err})") from None
-
-
 # -- what a run's state consists of ---------------------------------------------
 def _rng_state(tensors: dict) -> dict:
     tensors["rng/torch"] = torch.get_rng_state()
@@ -134,84 +117,6 @@ def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
-def _client_states(clients, tensors: dict, orders: dict) -> dict:
-    """Every client's private persistent state: tensors, maps of tensors, or JSON scalars."""
-    out = {}
-    for c in clients:
-        if not c.state:
-            continue
-        entry = {}
-        for key, value in c.state.items():
-            group = f"client/{c.cid}/{key}"
-            if isinstance(value, torch.Tensor):
-                tensors[group] = value.detach().to("cpu").contiguous().clone()
-                entry[key] = {"tensor": True}
-            elif isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values()):
-                put_group(tensors, orders, group, value)
-                entry[key] = {"map": True}
-            elif value is None or isinstance(value, (bool, int, float, str)):
-                entry[key] = {"value": value}
-            else:
-                raise FedfmError(
-                    f"cannot checkpoint client {c.cid}'s state {key!r} ({type(value).__name__}); "
-                    "set checkpoint.every=0 to run without checkpoints"
-                )
-        out[str(c.cid)] = entry
-    return out
-
-
-def _restore_clients(clients, meta: dict, tensors, orders) -> None:
-    by_id = {c.cid: c for c in clients}
-    for c in clients:
-        c.state.clear()
-    for cid, entry in meta.items():
-        client = by_id.get(int(cid))
-        if client is None:
-            raise FedfmError(f"checkpoint holds state for client {cid}, which this run does not have")
-        for key, how in entry.items():
-            group = f"client/{cid}/{key}"
-            if "tensor" in how:
-                client.state[key] = tensors[group]
-            elif "map" in how:
-                client.state[key] = get_group(tensors, orders, group)
-            else:
-                client.state[key] = how["value"]
-
-
-def _server_state(algorithm, tensors: dict, orders: dict) -> dict:
-    """The fold's cross-round state: optimizer moments, SCAFFOLD's c, the DP fold's counters."""
-    fold = algorithm.fold
-    meta: dict = {"fold": type(fold).__name__}
-    opt = getattr(fold, "optimizer", None)
-    if opt is not None:
-        meta["optimizer"] = {"type": type(opt).__name__, "names": list(opt.state.keys()), "slots": {}}
-        for name, slot in opt.state.items():
-            meta["optimizer"]["slots"][name] = list(slot.keys())
-            for s, t in slot.items():
-                tensors[f"server_opt/{s}/{name}"] = t.detach().to("cpu").contiguous().clone()
-    control = getattr(fold, "control", None)
-    if control is not None:
-        put_group(tensors, orders, "scaffold_c", control)
-    if hasattr(fold, "state_dict"):
-        meta["state"] = fold.state_dict()
-    return meta
-
-
-def _restore_server(algorithm, meta: dict, tensors, orders) -> None:
-    fold = algorithm.fold
-    if meta["fold"] != type(fold).__name__:
-        raise FedfmError(f"checkpoint was written by a {meta['fold']} fold, this run builds a {type(fold).__name__}")
-    if "optimizer" in meta:
-        opt = fold.optimizer
-        opt.state.clear()
-        for name in meta["optimizer"]["names"]:
-            opt.state[name] = {s: tensors[f"server_opt/{s}/{name}"] for s in meta["optimizer"]["slots"][name]}
-    if "scaffold_c" in orders:
-        fold.control = get_group(tensors, orders, "scaffold_c")
-    if "state" in meta:
-        fold.load_state_dict(meta["state"])
-
-
 # -- the checkpointer -----------------------------------------------------------
 class Checkpointer:
     """Writes the latest ``keep`` checkpoints of a run every ``every`` rounds (0: never)."""
@@ -225,46 +130,30 @@ class Checkpointer:
     def due(self, round_idx: int) -> bool:
         return self.every > 0 and round_idx % self.every == 0
 
-    def save(self, round_idx: int, sim, server, clients, metrics_lines: int, dp_sgd=None, sections=None) -> Path:
-        """Write checkpoint ``v{sim.version}`` atomically; returns its JSON path.
+    def save(self, round_idx: int, server, metrics_lines: int, sections=None) -> Path:
+        """Write checkpoint ``v{server.version}`` atomically; returns its JSON path.
 
         ``sections`` (added to those given at construction) maps a name to
-        ``write(tensors, orders) -> JSON`` for a caller's own state (an asynchronous run's
-        clients in flight, the continual loop's stage, accuracy matrix, replay buffers ...):
+        ``write(tensors, orders) -> JSON`` for a caller's own state (the clients' private
+        states, an asynchronous run's clients in flight, the continual loop's stage ...):
         its tensors go into the tensor file, its JSON under ``meta[name]``; read it back with
         :func:`section`.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         orders: dict[str, list[str]] = {}
-        put_group(tensors, orders, "global", sim.global_state)
-        if getattr(sim, "ema_state", None) is not None:
-            put_group(tensors, orders, "ema", sim.ema_state)
         meta = {
             "format": FORMAT,
             "round": int(round_idx),
-            "version": int(sim.version),
+            "version": int(server.version),
             "metrics_lines": int(metrics_lines),
-            "server": _server_state(sim.algorithm, tensors, orders),
-            "clients": _client_states(clients, tensors, orders),
-            "ledger": {
-                **{key: dict(getattr(sim.ledger, key)) for key in LEDGER_TOTALS if hasattr(sim.ledger, key)},
-                "per_client": {str(c): dict(v) for c, v in sim.ledger.per_client.items()},
-            },
-            "uploads": getattr(sim, "uploads", None),  # update payloads sent (compression factor)
-            "rejected": list(sim.rejected),
-            "clock": float(getattr(sim, "clock", 0.0)),  # virtual seconds (device profiles)
-            "ema_version": int(getattr(sim, "ema_version", 0)),
-            "accountant": None if server.accountant is None else server.accountant.state_dict(),
-            "dp_sgd": None
-            if dp_sgd is None
-            else {"accountant": dp_sgd.accountant.state_dict(), "skipped_total": int(dp_sgd.skipped_total)},
+            "server": server.state_dict(tensors, orders),
         }
         for name, write in {**self.sections, **(sections or {})}.items():
             meta[name] = write(tensors, orders)
         meta["rng"] = _rng_state(tensors)
         meta["orders"] = orders
-        name = _name(sim.version)
+        name = _name(server.version)
         st_path = self.dir / f"{name}.safetensors"
         atomic_write(st_path, lambda tmp: save_file(tensors, str(tmp)))
         meta["tensors_file"] = st_path.name
@@ -312,34 +201,15 @@ def load(json_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def restore(meta: dict, tensors, sim, server, clients, dp_sgd=None) -> None:
-    """Put a loaded checkpoint back into a freshly built run (same config, same seed)."""
+def restore(meta: dict, tensors, server, loaders=None) -> None:
+    """Put a loaded checkpoint back into a freshly built run (same config, same seed).
+
+    ``loaders`` maps a section name to ``load(json, tensors, orders)``; the RNG states go last.
+    """
     orders = meta["orders"]
-    sim.global_state = get_group(tensors, orders, "global")
-    sim.version = int(meta["version"])
-    _restore_server(sim.algorithm, meta["server"], tensors, orders)
-    _restore_clients(clients, meta["clients"], tensors, orders)
-    for key in LEDGER_TOTALS:
-        if key in meta["ledger"]:
-            setattr(sim.ledger, key, {k: int(v) for k, v in meta["ledger"][key].items()})
-    if meta.get("uploads") is not None:
-        sim.uploads = int(meta["uploads"])
-    sim.ledger.per_client.clear()
-    for c, v in meta["ledger"]["per_client"].items():
-        sim.ledger.per_client[int(c)] = {k: int(n) for k, n in v.items()}
-    sim.rejected = list(meta["rejected"])
-    sim.clock = float(meta.get("clock", 0.0))
-    sim.ema_version = int(meta.get("ema_version", 0))
-    sim.ema_state = get_group(tensors, orders, "ema") if "ema" in orders else None
-    if (meta["accountant"] is None) != (server.accountant is None):
-        raise FedfmError("checkpoint and config disagree on privacy.client_dp")
-    if server.accountant is not None:
-        server.accountant.load_state_dict(meta["accountant"])
-    if (meta["dp_sgd"] is None) != (dp_sgd is None):
-        raise FedfmError("checkpoint and config disagree on privacy.dp_sgd")
-    if dp_sgd is not None:
-        dp_sgd.accountant.load_state_dict(meta["dp_sgd"]["accountant"])
-        dp_sgd.skipped_total = int(meta["dp_sgd"]["skipped_total"])
+    server.load_state_dict(meta["server"], tensors, orders)
+    for name, load_section in (loaders or {}).items():
+        load_section(section(meta, name), tensors, orders)
     _set_rng_state(tensors, meta["rng"])
 
 
@@ -382,9 +252,6 @@ IGNORED = ("progress", "out")  # may differ between the killed run and the resum
 
 def resume_config(run_dir, config=None, overrides=()):
     """The run's own ``config.yaml`` (with ``out = run_dir``); a different config given is refused."""
-    from fedfm.config import to_dict, validate
-    from fedfm.runner import resolve_config
-
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -411,8 +278,6 @@ def resume_config(run_dir, config=None, overrides=()):
             )
     data = to_dict(saved_cfg)
     data["out"] = str(run_dir)
-    from fedfm.config.load import apply_overrides
-
     return validate(apply_overrides(data, progress))
 
 
@@ -423,23 +288,3 @@ def _diff(a, b, prefix: str = "") -> set[str]:
             out |= _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return set() if a == b else {prefix.rstrip(".")}
-
-
-def pack_client_states(clients) -> bytes:
-    """The private state of ``clients`` as one safetensors blob (multi-process simulation hands it on)."""
-    tensors: dict[str, torch.Tensor] = {}
-    orders: dict[str, list[str]] = {}
-    meta = _client_states(clients, tensors, orders)
-    tensors.setdefault("_", torch.zeros(0))  # safetensors wants at least one tensor
-    return st_save(tensors, metadata={"clients": json.dumps(meta), "orders": json.dumps(orders)})
-
-
-def unpack_client_states(clients, blob: bytes) -> None:
-    """Replace the state of every client named in ``blob`` (others are untouched)."""
-    tensors = st_load(blob)
-    info = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])["__metadata__"]
-    meta, orders = json.loads(info["clients"]), json.loads(info["orders"])
-    by_id = {c.cid: c for c in clients}
-    for cid in meta:
-        by_id[int(cid)].state.clear()
-    _restore_clients([by_id[int(cid)] for cid in meta], meta, tensors, orders)

@@ -1,4 +1,4 @@
-"""The client side: ``local_update(broadcast, client) -> Update``.
+"""Local training on the client: ``local_update(algorithm, broadcast, client, round) -> Update``.
 
 One :class:`LocalTrainer` per process owns the single model instance and one
 optimizer. For every client it copies the broadcast state into the trainable
@@ -10,30 +10,15 @@ returns the delta. The frozen base is never copied.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from fedfm.algorithms.base import Algorithm, Broadcast, Update
+from fedfm.client.data import Client
 from fedfm.config.schema import TrainConfig
 from fedfm.data.encode import Encoded, batch_indices, make_batch, steps_for
 from fedfm.models.state import set_state_
-
-
-@dataclass
-class Client:
-    """A simulated client: its shard (indices into the encoded table) and private state."""
-
-    cid: int
-    train_idx: np.ndarray
-    test_idx: np.ndarray
-    state: dict = field(default_factory=dict)  # persists across rounds, never sent
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every part (run seed, round, client)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+from fedfm.seeds import derive_seed
 
 
 def moved(tensors, device: torch.device) -> "OrderedDict[str, torch.Tensor]":

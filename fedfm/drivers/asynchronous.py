@@ -13,16 +13,18 @@ arrival is mixed in at once, ``x_t <- (1 - a_tau) x_t + a_tau x_client`` with
 ``a_tau = mixing * s(tau)``; that is the same fold with a buffer of one and
 the update rebased on the current version, ``delta' = x_base + delta - x_t``.
 
-Arrival times come from the device profiles (fedfm.runtime.devices), so slow
-devices really are stragglers. The simulation computes a client's update
-when it starts (it sees exactly the version it would have downloaded) and
-delivers it at its virtual arrival time; the one shared model and the
-server fold are reused as in synchronous rounds.
+This driver only schedules: arrival times come from the device profiles
+(:mod:`fedfm.drivers.devices`), so slow devices really are stragglers. It
+computes a client's update when the client starts (it sees exactly the
+version it downloaded) and hands the encoded upload to the
+:class:`~fedfm.server.server.Server` at its virtual arrival time; the server
+weights it by its staleness (FedBuff) or mixes it in (FedAsync) and steps
+every ``buffer_size`` arrivals.
 
 Checkpoints (``fedfm run --resume``) hold the clients in flight: their
-encoded uploads, base versions and arrival times, the base models FedAsync
-still needs, the start counter and the engine's random stream
-(:meth:`AsyncEngine.state_dict`).
+encoded uploads, base versions and arrival times, the start counter and the
+engine's random stream (:meth:`AsyncEngine.state_dict`); the versions they
+started from are the server's.
 """
 
 from __future__ import annotations
@@ -30,17 +32,14 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fedfm.algorithms.staleness import staleness_weight
 from fedfm.config.schema import AsyncConfig
 from fedfm.errors import FedfmError
-from fedfm.runtime.checkpoint import get_group, put_group
-from fedfm.runtime.client import derive_seed
+from fedfm.seeds import derive_seed
 
 log = logging.getLogger("fedfm")
 
@@ -59,7 +58,7 @@ class InFlight:
 
 
 class AsyncEngine:
-    """Drives a :class:`~fedfm.runtime.simulation.Simulation` one asynchronous server step at a time."""
+    """Drives a :class:`~fedfm.drivers.simulation.Simulation`'s server and clients one server step at a time."""
 
     def __init__(self, sim, cfg: AsyncConfig) -> None:
         if cfg.concurrency > len(sim.clients):
@@ -71,8 +70,6 @@ class AsyncEngine:
         self.heap: list[InFlight] = []
         self.busy: set[int] = set()
         self.started = 0
-        self.bases: dict[int, "OrderedDict"] = {}  # fedasync: the versions in-flight clients started from
-        self.staleness_seen: list[int] = []
 
     # -- starting clients --------------------------------------------------------------
     def _pick(self) -> int | None:
@@ -88,36 +85,27 @@ class AsyncEngine:
         return None
 
     def _start(self, cid: int) -> None:
-        """The client downloads the newest version now; its update (or drop-out) is scheduled."""
+        """The client downloads the newest version now; its upload (or drop-out) is scheduled."""
         sim, seq = self.sim, self.started
         self.started += 1
         self.busy.add(cid)
-        algo, fleet = sim.algorithm, sim.fleet
-        down, down_raw = sim._encode_down(algo.broadcast(sim.global_state, sim.version))
-        sim.ledger.record(cid, "down", len(down), raw=down_raw)
+        server, fleet = sim.server, sim.fleet
+        version = server.version
+        down = server.broadcast(cid)
         drop = fleet.drop_point(cid, seq, salt=0xA5)
         if drop is not None:
             t = fleet.transfer_s(cid, len(down)) + drop * fleet.compute_s(cid, sim.steps_of(cid))
-            heapq.heappush(self.heap, InFlight(sim.clock + t, seq, cid, sim.version))
+            heapq.heappush(self.heap, InFlight(sim.clock + t, seq, cid, version))
             return
-        client = sim.clients[cid]
         # ``seq`` (the start number) takes the round's place in the client's seeds: unique per start.
-        update = sim.trainer.local_update(algo, sim._decode_down(down), client, seq)
-        if update is None:  # sat out (budget spent): it frees its slot at once
-            heapq.heappush(self.heap, InFlight(sim.clock, seq, cid, sim.version))
+        if sim.app.attack is not None:  # an attacker's boost assumes a buffer's worth of peers
+            sim.app.attack.begin_round(self.buffer_size, len(sim.app.attack.malicious))
+        reply = sim.app.fit(sim.clients[cid], down, seq)
+        if reply.payload is None:  # sat out (budget spent): it frees its slot at once
+            heapq.heappush(self.heap, InFlight(sim.clock, seq, cid, version))
             return
-        if cid in sim.malicious:
-            gen = torch.Generator().manual_seed(derive_seed(sim.seed, seq, cid, 0xBAD))
-            update.delta = sim.attack.apply(update.delta, [], num_clients=self.buffer_size,
-                                            num_byzantine=len(sim.malicious), generator=gen)
-        up, up_raw = sim._encode_up(update, client, seq)
-        sim.ledger.record(cid, "up", len(up), raw=up_raw)
-        sim.uploads += 1
-        t = fleet.duration(cid, int(update.metrics.get("steps", sim.steps_of(cid))), len(down), len(up))
-        if self.cfg.method == "fedasync" and sim.version not in self.bases:
-            self.bases[sim.version] = OrderedDict((k, v.clone()) for k, v in sim.global_state.items())
-        heapq.heappush(self.heap, InFlight(sim.clock + t, seq, cid, sim.version, up,
-                                           float(update.metrics["train_loss"]), update.num_examples))
+        t = fleet.duration(cid, reply.steps or sim.steps_of(cid), len(down), len(reply.payload))
+        heapq.heappush(self.heap, InFlight(sim.clock + t, seq, cid, version, reply.payload, reply.loss, reply.examples))
 
     def _fill(self) -> None:
         while len(self.heap) < self.cfg.concurrency:
@@ -129,26 +117,11 @@ class AsyncEngine:
             raise FedfmError("asynchronous: no client is online and able to train")
 
     # -- one server step -------------------------------------------------------------
-    def _transform(self, tau: int, base_version: int):
-        cfg, sim = self.cfg, self.sim
-        s = staleness_weight(tau, cfg.staleness, cfg.staleness_exponent, cfg.hinge_a, cfg.hinge_b)
-
-        def apply(update):
-            if cfg.method == "fedasync":  # x + a s(tau) (x_base + delta - x)
-                base, g = self.bases[base_version], sim.global_state
-                update.delta = OrderedDict((k, (base[k] + d - g[k]) * (cfg.mixing * s)) for k, d in update.delta.items())
-            else:
-                update.delta = OrderedDict((k, d * s) for k, d in update.delta.items())
-            return update
-
-        return apply
-
     def step(self, round_idx: int, on_client=None) -> dict:
         """Run the clock until ``buffer_size`` updates are folded into the next global version."""
-        sim, t0 = self.sim, time.perf_counter()
-        sim.ledger.start_round()
-        sim.algorithm.start(sim.global_state, sim.version)
-        folded, dropped, stale, losses, weights, taus = 0, 0, 0, [], [], []
+        sim, server, t0 = self.sim, self.sim.server, time.perf_counter()
+        server.open_round(round_idx)
+        folded, dropped, losses, weights = 0, 0, [], []
         while folded < self.buffer_size:
             self._fill()
             job = heapq.heappop(self.heap)
@@ -156,44 +129,31 @@ class AsyncEngine:
             sim.clock = max(sim.clock, job.arrival)
             if job.payload is None:
                 dropped += 1
+                server.forget(job.cid)
                 log.info("async step %d: client %d dropped out", round_idx, job.cid)
                 continue
-            tau = sim.version - job.base_version
-            if self.cfg.max_staleness is not None and tau > self.cfg.max_staleness:
-                stale += 1
-                sim._reject(round_idx, job.cid, f"stale: staleness {tau} > max_staleness {self.cfg.max_staleness}")
-                continue
-            if sim._receive(job.payload, round_idx, transform=self._transform(tau, job.base_version)):
+            if server.receive(job.payload, job.cid):
                 folded += 1
-                taus.append(tau)
                 losses.append(job.loss)
                 weights.append(job.examples)
             if on_client is not None:
                 on_client(job.cid)
-        sim.global_state = sim.algorithm.finish()
-        sim.version += 1
-        self.staleness_seen.extend(taus)
-        live = {j.base_version for j in self.heap}
-        self.bases = {v: s for v, s in self.bases.items() if v in live}
+        record = server.close_round()
         return {
             "round": round_idx,
-            "version": sim.version,
             "accepted": folded,
             "dropped": dropped,
-            "stale": stale,
-            "staleness_mean": float(np.mean(taus)) if taus else 0.0,
-            "staleness_max": int(max(taus, default=0)),
             "train_loss": float(np.average(losses, weights=weights)) if losses and sum(weights) > 0 else float("nan"),
             "virtual_s": sim.clock,
-            **sim.ledger.snapshot(),
+            **record,
             "round_s": time.perf_counter() - t0,
         }
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self, tensors: dict, orders: dict) -> dict:
-        """JSON state; the in-flight uploads and FedAsync's base models go into ``tensors`` (``async/...``).
+        """JSON state; the in-flight uploads go into ``tensors`` (``async/payload/<seq>``).
 
-        A checkpoint section (fedfm.runtime.checkpoint.Checkpointer's ``sections``).
+        A checkpoint section (:class:`fedfm.server.checkpoint.Checkpointer`'s ``sections``).
         """
         inflight = []
         for job in sorted(self.heap):
@@ -201,10 +161,7 @@ class AsyncEngine:
                 tensors[f"async/payload/{job.seq}"] = torch.frombuffer(bytearray(job.payload), dtype=torch.uint8)
             inflight.append({"arrival": job.arrival, "seq": job.seq, "cid": job.cid, "base_version": job.base_version,
                              "payload": job.payload is not None, "loss": job.loss, "examples": job.examples})
-        for version, state in self.bases.items():
-            put_group(tensors, orders, f"async/base/{version}", state)
-        return {"rng": self.rng.bit_generator.state, "started": self.started, "inflight": inflight,
-                "bases": list(self.bases), "staleness_seen": list(self.staleness_seen)}
+        return {"rng": self.rng.bit_generator.state, "started": self.started, "inflight": inflight}
 
     def load_state_dict(self, meta: dict, tensors, orders: dict) -> None:
         """Put the clients in flight, the counters and the random stream back (inverse of :meth:`state_dict`)."""
@@ -217,11 +174,9 @@ class AsyncEngine:
                                       payload, float(j["loss"]), int(j["examples"])))
         heapq.heapify(self.heap)
         self.busy = {j.cid for j in self.heap}
-        self.bases = {int(v): get_group(tensors, orders, f"async/base/{v}") for v in meta["bases"]}
-        self.staleness_seen = [int(t) for t in meta["staleness_seen"]]
 
     def summary(self) -> dict:
-        taus = self.staleness_seen
+        taus = self.sim.server.staleness_seen
         return {
             "method": self.cfg.method,
             "buffer_size": self.buffer_size,

@@ -1,15 +1,14 @@
-"""Compose the server side of a run from the config: algorithm + privacy fold + accountant.
+"""Compose the server side of a run from the config: algorithm + wrapped fold + accountant.
 
-Privacy and robustness are folds that wrap or replace the algorithm's own
-fold; this is the one place that decides which, so no algorithm carries a
-special case for them. Local DP-SGD is client-side: :func:`build_dp_sgd`
-makes the one privatizer the :class:`~fedfm.runtime.client.LocalTrainer` holds.
+Privacy and robustness are folds that wrap the algorithm's own fold; this is
+the one place that decides which, so no algorithm carries a special case for
+them. Local DP-SGD is client-side: :func:`build_dp_sgd` makes the one
+privatizer the :class:`~fedfm.client.trainer.LocalTrainer` holds.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from fedfm.algorithms.base import Algorithm, Broadcast
 from fedfm.algorithms.registry import build_algorithm
@@ -27,38 +26,32 @@ from fedfm.privacy.dp_sgd import (
     sampling_rate_for,
 )
 from fedfm.robustness.aggregators import ServerUpdate, build_robust_fold, cohort_requirement
-from fedfm.runtime.client import Client, LocalTrainer
+from fedfm.client.data import Client
+from fedfm.client.trainer import LocalTrainer
+from fedfm.server.server import Server
 
 
-@dataclass
-class ServerSide:
-    algorithm: Algorithm
-    accountant: PrivacyAccountant | None = None
-    target_epsilon: float | None = None
+class Privacy:
+    """Client-level DP's bookkeeping on the server: the accountant, stepped once per released version, and the budget."""
 
-    def privacy_record(self) -> dict:
-        """Per-round privacy metrics: (epsilon, delta) spent so far and the fold's clipping stats."""
-        if self.accountant is None:
-            return {}
+    def __init__(self, accountant: PrivacyAccountant, target_epsilon: float | None) -> None:
+        self.accountant = accountant
+        self.target_epsilon = target_epsilon
+
+    def step(self) -> None:
+        self.accountant.step()
+
+    def record(self, fold) -> dict:
+        """Per-round privacy metrics: (epsilon, delta) spent so far and the DP fold's clipping stats."""
         out = {"dp_epsilon": self.accountant.epsilon(), "dp_delta": self.accountant.delta}
-        for k, v in getattr(self.algorithm.fold, "last_round", {}).items():
+        for k, v in fold.round_stats().items():
             if isinstance(v, (int, float)):
                 out[f"dp_{k}"] = v
         return out
 
-    def robust_record(self) -> dict:
-        """Per-round robustness metrics: FLTrust's trust score of every client folded this round."""
-        fold = self.algorithm.fold
-        trust = getattr(fold, "last_trust", None)
-        if trust is None:
-            return {}
-        return {"fltrust_trust": {str(c): round(float(t), 4) for c, t in zip(fold.client_ids, trust)}}
-
-    def privacy_summary(self) -> dict | None:
-        """What ``summary.json`` reports under ``privacy`` (None without client-level DP)."""
+    def summary(self) -> dict:
+        """What ``summary.json`` reports under ``privacy``."""
         acc = self.accountant
-        if acc is None:
-            return None
         return {
             "epsilon": acc.epsilon(),
             "delta": acc.delta,
@@ -69,9 +62,9 @@ class ServerSide:
             "target_epsilon": self.target_epsilon,
         }
 
-    def budget_allows_next_round(self) -> bool:
+    def allows_next_round(self) -> bool:
         """False when one more round would push epsilon past the target budget."""
-        if self.accountant is None or self.target_epsilon is None:
+        if self.target_epsilon is None:
             return True
         return self.accountant.epsilon_after(self.accountant.steps + 1) <= self.target_epsilon
 
@@ -90,11 +83,30 @@ def root_update(trainer: LocalTrainer, algorithm: Algorithm, root_client: Client
     return update
 
 
-def build_server(
-    cfg: RunConfig, num_clients: int, trainer: LocalTrainer | None = None, root_client: Client | None = None
-) -> ServerSide:
-    """The algorithm with its robust / DP fold; FLTrust also needs ``trainer`` and the server's ``root_client``."""
+def build_server(cfg: RunConfig, num_clients: int, initial_state, *, wire=None, rank_of=None,
+                 trainer: LocalTrainer | None = None, root_client: Client | None = None) -> Server:
+    """The run's :class:`Server`: the algorithm, its fold wrapped by a robust rule or client-level DP.
+
+    FLTrust also needs ``trainer`` and the server's ``root_client``; ``wire`` (the codecs) and
+    ``rank_of`` (HetLoRA ranks) are the run's.
+    """
+    algorithm, privacy = build_algorithm_fold(cfg, num_clients, trainer, root_client)
+    sa, asy = cfg.privacy.secure_aggregation, cfg.asynchronous
+    return Server(algorithm, initial_state, wire=wire, privacy=privacy, ema_decay=cfg.algorithm.ema_decay,
+                  secure=sa if sa.enabled else None, asynchronous=asy if asy.enabled else None,
+                  rank_of=rank_of, seed=cfg.seed)
+
+
+def build_algorithm_fold(cfg: RunConfig, num_clients: int, trainer=None, root_client=None):
+    """A fresh algorithm with its fold wrapped as configured, and the client-level DP bookkeeping (or None)."""
     algorithm = build_algorithm(cfg.algorithm, num_clients=num_clients)
+    wrap_robust(cfg, algorithm, trainer, root_client)
+    check_secure_aggregation(cfg)
+    return algorithm, wrap_client_dp(cfg, algorithm, num_clients)
+
+
+def wrap_robust(cfg: RunConfig, algorithm: Algorithm, trainer=None, root_client=None) -> None:
+    """Wrap the algorithm's fold in the configured robust rule (``robust.rule``; ``mean``: as it is)."""
     dp = cfg.privacy.client_dp
     rb = cfg.robust
     if rb.rule != "mean":
@@ -122,9 +134,13 @@ def build_server(
             norm_bound=rb.norm_bound,
             server_update=server_update,
         )
-    check_secure_aggregation(cfg)
+
+
+def wrap_client_dp(cfg: RunConfig, algorithm: Algorithm, num_clients: int) -> Privacy | None:
+    """Wrap the algorithm's fold in DP-FedAvg's clip-and-noise (``privacy.client_dp``); its accountant."""
+    dp = cfg.privacy.client_dp
     if not dp.enabled:
-        return ServerSide(algorithm)
+        return None
     q = cfg.federation.clients_per_round / num_clients
     delta = dp.delta if dp.delta is not None else min(1e-5, 1.0 / num_clients)
     sigma = dp.noise_multiplier
@@ -143,8 +159,7 @@ def build_server(
         )
     except ValueError as err:
         raise FedfmError(f"privacy.client_dp: {err}") from None
-    accountant = PrivacyAccountant(sigma, q, delta, kind=dp.accountant)
-    return ServerSide(algorithm, accountant, dp.target_epsilon)
+    return Privacy(PrivacyAccountant(sigma, q, delta, kind=dp.accountant), dp.target_epsilon)
 
 
 def check_secure_aggregation(cfg: RunConfig) -> None:

@@ -1,0 +1,1 @@
+"""The server side, independent of any runtime: :class:`~fedfm.server.server.Server` and what it is built from."""

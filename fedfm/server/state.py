@@ -1,0 +1,107 @@
+"""The server's state as tensors (for safetensors) plus JSON: what a checkpoint holds of it.
+
+Tensor groups: ``global`` (the newest version), ``ema`` (the released
+average, when on), ``server_opt/<slot>/<name>`` (the server optimizer's
+moments), ``scaffold_c`` (SCAFFOLD's control variate), ``server/base/<v>``
+(versions that FedAsync clients in flight started from). JSON: version, the
+fold's own counters (the DP fold's noise-stream index and clip norm), the
+accountant, the byte ledger, the rejected updates, the upload count and the
+asynchronous bookkeeping (who holds which version, staleness seen).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from fedfm.errors import FedfmError
+from fedfm.tensor_groups import get_group, put_group
+
+LEDGER_TOTALS = ("total", "raw_total")  # cumulative byte counts (raw: before codecs)
+
+
+def save(server, tensors: dict, orders: dict) -> dict:
+    put_group(tensors, orders, "global", server.global_state)
+    if server.ema.state is not None:
+        put_group(tensors, orders, "ema", server.ema.state)
+    for version, state in server.bases.items():
+        put_group(tensors, orders, f"server/base/{version}", state)
+    ledger = server.ledger
+    return {
+        "version": int(server.version),
+        "ema_version": int(server.ema.version),
+        "fold": _fold_state(server.algorithm.fold, tensors, orders),
+        "accountant": None if server.privacy is None else server.privacy.accountant.state_dict(),
+        "ledger": {
+            **{key: dict(getattr(ledger, key)) for key in LEDGER_TOTALS},
+            "per_client": {str(c): dict(v) for c, v in ledger.per_client.items()},
+        },
+        "uploads": int(server.uploads),
+        "rejected": list(server.rejected),
+        "holding": {str(c): v for c, v in server.holding.items()},
+        "bases": list(server.bases),
+        "staleness_seen": list(server.staleness_seen),
+    }
+
+
+def load(server, meta: dict, tensors: Mapping[str, torch.Tensor], orders: dict) -> None:
+    server.global_state = get_group(tensors, orders, "global")
+    server.version = int(meta["version"])
+    server.ema.version = int(meta["ema_version"])
+    server.ema.state = get_group(tensors, orders, "ema") if "ema" in orders else None
+    _load_fold(server.algorithm.fold, meta["fold"], tensors, orders)
+    if (meta["accountant"] is None) != (server.privacy is None):
+        raise FedfmError("checkpoint and config disagree on privacy.client_dp")
+    if server.privacy is not None:
+        server.privacy.accountant.load_state_dict(meta["accountant"])
+    ledger = server.ledger
+    for key in LEDGER_TOTALS:
+        setattr(ledger, key, {k: int(v) for k, v in meta["ledger"][key].items()})
+    ledger.per_client.clear()
+    for c, v in meta["ledger"]["per_client"].items():
+        ledger.per_client[int(c)] = {k: int(n) for k, n in v.items()}
+    server.uploads = int(meta["uploads"])
+    server.rejected = list(meta["rejected"])
+    server.holding = {int(c): int(v) for c, v in meta["holding"].items()}
+    server.bases = {int(v): get_group(tensors, orders, f"server/base/{v}") for v in meta["bases"]}
+    server.staleness_seen = [int(t) for t in meta["staleness_seen"]]
+
+
+def _fold_state(fold, tensors: dict, orders: dict) -> dict:
+    """The fold's cross-round state: optimizer moments, SCAFFOLD's c, the DP fold's counters.
+
+    A wrapper (client-level DP, a robust rule) keeps its own counters and the state of the fold it wraps.
+    """
+    meta: dict = {"fold": type(fold).__name__}
+    if getattr(fold, "inner", None) is not None:
+        meta["inner"] = _fold_state(fold.inner, tensors, orders)
+    opt = getattr(fold, "optimizer", None)
+    if opt is not None:
+        meta["optimizer"] = {"type": type(opt).__name__, "names": list(opt.state.keys()), "slots": {}}
+        for name, slot in opt.state.items():
+            meta["optimizer"]["slots"][name] = list(slot.keys())
+            for s, t in slot.items():
+                tensors[f"server_opt/{s}/{name}"] = t.detach().to("cpu").contiguous().clone()
+    control = getattr(fold, "control", None)
+    if control is not None:
+        put_group(tensors, orders, "scaffold_c", control)
+    if hasattr(fold, "state_dict"):
+        meta["state"] = fold.state_dict()
+    return meta
+
+
+def _load_fold(fold, meta: dict, tensors, orders) -> None:
+    if meta["fold"] != type(fold).__name__:
+        raise FedfmError(f"checkpoint was written by a {meta['fold']} fold, this run builds a {type(fold).__name__}")
+    if "inner" in meta:
+        _load_fold(fold.inner, meta["inner"], tensors, orders)
+    if "optimizer" in meta:
+        opt = fold.optimizer
+        opt.state.clear()
+        for name in meta["optimizer"]["names"]:
+            opt.state[name] = {s: tensors[f"server_opt/{s}/{name}"] for s in meta["optimizer"]["slots"][name]}
+    if "scaffold_c" in orders:
+        fold.control = get_group(tensors, orders, "scaffold_c")
+    if "state" in meta:
+        fold.load_state_dict(meta["state"])
