@@ -88,8 +88,6 @@ KNOWN_CYCLES: set[tuple[str, ...]] = {
         "fedfm.runtime.checkpoint",
         "fedfm.runtime.simulation",
     ),
-    # build_model -> chain.resolve_start -> export_run -> build_model; state.load_into_base -> build_model
-    ("fedfm.models.build", "fedfm.models.chain", "fedfm.models.state"),
 }
 
 
