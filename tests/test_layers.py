@@ -353,7 +353,7 @@ def test_checker_finds_cycles_upward_imports_and_unplaced_modules():
     assert unplaced(graph, SYNTHETIC_LAYERS) == ["pkg", "pkg.stray"]
 
 
-def test_checker_reports_a_two_module_cycle_and_a_self_package_import():
+def test_checker_resolves_from_package_import_of_a_submodule_into_a_cycle():
     graph = import_graph(
         {"pkg/a.py": "import pkg.b\n", "pkg/b.py": "def f():\n    from pkg import a\n", "pkg/__init__.py": ""},
         package="pkg",
