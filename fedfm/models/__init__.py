@@ -10,11 +10,11 @@ Public API::
     load_into_base(cfg.model, 5, "final.safetensors")   # base model + saved state
 """
 
-from fedfm.models.build import FedModel, build_model, resolve_device, short_name, trainable_params
+from fedfm.models.assemble import FedModel, resolve_device, short_name, trainable_params
+from fedfm.models.build import build_model, load_into_base
 from fedfm.models.registry import ALIASES, cache_root, resolve
 from fedfm.models.state import (
     get_state,
-    load_into_base,
     load_state,
     save_state,
     set_state_,

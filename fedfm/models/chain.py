@@ -34,6 +34,8 @@ import yaml
 
 from fedfm.config.schema import ModelConfig
 from fedfm.errors import FedfmError
+from fedfm.models.assemble import assemble_model
+from fedfm.models.state import load_state
 
 STATE_FILE = "final_state.safetensors"
 EXPORT_DIR = "export"
@@ -106,8 +108,6 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     trainable state loaded, adapters merged into the weights, and the model
     and tokenizer saved with ``save_pretrained`` (safetensors). Returns the folder.
     """
-    from fedfm.models.build import build_model  # build imports this module
-
     prev_cfg, state_file = earlier_run(run_dir)
     model_cfg = prev_cfg.model
     if model_cfg.method not in MERGEABLE:
@@ -124,12 +124,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 return target
         except json.JSONDecodeError:
             pass  # a damaged marker: export again
-    from fedfm.models.state import load_state
-
     _, meta = load_state(state_file)
     num_labels = int(meta.get("num_labels", "0") or 0) or None
     base = resolve_start(model_cfg)
-    fm = build_model(base.model_copy(update={"init_state": str(state_file)}), num_labels, seed=prev_cfg.seed, device="cpu")
+    fm = assemble_model(
+        base.model_copy(update={"init_state": str(state_file)}), num_labels, seed=prev_cfg.seed, device="cpu"
+    )
     model = fm.model.merge_and_unload() if model_cfg.method in ("lora", "ia3") else fm.model
     model.config.pad_token_id = fm.tokenizer.pad_token_id
     tmp = target.with_name(target.name + ".tmp")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -21,10 +21,6 @@ from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save, save_file
 
 from fedfm.errors import FedfmError
-
-if TYPE_CHECKING:
-    from fedfm.config.schema import ModelConfig
-    from fedfm.models.build import FedModel
 
 State = "OrderedDict[str, torch.Tensor]"
 ORDER_KEY = "__fedfm_keys__"  # safetensors metadata entry holding the key order
@@ -146,12 +142,3 @@ def _header_metadata(data: bytes) -> dict[str, str] | None:
     n = int.from_bytes(data[:8], "little")
     return json.loads(bytes(data[8 : 8 + n])).get("__metadata__")
 
-
-def load_into_base(cfg: "ModelConfig", num_labels: int | None, state_path, seed: int = 0) -> "FedModel":
-    """Rebuild the base model for ``cfg`` and load a saved trainable state into it."""
-    from fedfm.models.build import build_model
-
-    state, _ = load_state(state_path)
-    fm = build_model(cfg.model_copy(update={"init_state": None}), num_labels, seed=seed)
-    set_state_(fm.params, state)
-    return fm
