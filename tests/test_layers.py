@@ -25,30 +25,20 @@ PACKAGE = "fedfm"
 
 # Top to bottom. A module may import its own layer or any lower one, never a higher one.
 # Each layer maps groups to module names: "fedfm.x" covers fedfm.x and everything under it,
-# "fedfm.x.__init__" only the package fedfm.x itself (fedfm/x/__init__.py). The longest
-# match wins, so fedfm.continual.loop is a driver while the rest of fedfm.continual is a
-# component. Groups name what FORBIDDEN talks about. A module no entry covers fails the test.
+# "fedfm.x.__init__" only the package fedfm.x itself (fedfm/x/__init__.py), so "fedfm.__init__"
+# places the package's entry point without placing every module under fedfm. The longest match
+# wins. Groups name what FORBIDDEN talks about. A module no entry covers fails the test.
 LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
     # fedfm.__main__ only calls the CLI (``python -m fedfm``): an entry point, so it sits with the CLI
     ("cli", {"cli": ("fedfm.cli", "fedfm.__main__")}),
-    ("run", {"run": ("fedfm.runner", "fedfm.run", "fedfm.progress", "fedfm.__init__")}),
-    ("drivers", {"drivers": (
-        "fedfm.drivers",
-        "fedfm.runtime.simulation",
-        "fedfm.runtime.asynchronous",
-        "fedfm.runtime.workers",
-        "fedfm.runtime.devices",
-        "fedfm.continual.loop",
-    )}),
-    ("server/client", {
-        "server": ("fedfm.server", "fedfm.runtime.compose", "fedfm.runtime.secure_round", "fedfm.runtime.checkpoint"),
-        "client": ("fedfm.client", "fedfm.runtime.client", "fedfm.runtime.batched", "fedfm.runtime.hetlora"),
-    }),
+    ("run", {"run": ("fedfm.runner", "fedfm.build", "fedfm.__init__")}),
+    ("drivers", {"drivers": ("fedfm.drivers",)}),
+    ("server/client", {"server": ("fedfm.server",), "client": ("fedfm.client",)}),
     ("components", {
         "algorithms": ("fedfm.algorithms",),
         "privacy": ("fedfm.privacy",),
         "robustness": ("fedfm.robustness",),
-        "compression": ("fedfm.compression", "fedfm.runtime.wire", "fedfm.runtime.ledger"),
+        "compression": ("fedfm.compression",),
         "models": ("fedfm.models",),
         "data": ("fedfm.data",),
         "eval": ("fedfm.eval",),
@@ -56,8 +46,7 @@ LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
         "continual": ("fedfm.continual",),
     }),
     ("config", {"config": ("fedfm.config",)}),
-    # fedfm/runtime/__init__.py is an empty package marker: importable from anywhere, importing nothing
-    ("bottom", {"bottom": ("fedfm.errors", "fedfm.registry", "fedfm.seeds", "fedfm.runtime.__init__")}),
+    ("bottom", {"bottom": ("fedfm.errors", "fedfm.registry", "fedfm.seeds", "fedfm.tensor_groups")}),
 ]
 
 # Within the component layer (DESIGN.md): group -> groups it never imports.
@@ -67,28 +56,13 @@ FORBIDDEN: dict[str, set[str]] = {
     "algorithms": {"privacy", "robustness", "compression", "personalization", "continual"},
 }
 
-# Imports that run the wrong way today, as (importer, imported). Issue 13: this set must
-# shrink to empty as the refactor moves code where it belongs; never add to it.
-KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    ("fedfm.compression.compressor", "fedfm.runtime.client"),  # derive_seed
-    ("fedfm.personalization.trainer", "fedfm.runtime.client"),  # Client, LocalTrainer, derive_seed, moved
-    ("fedfm.continual.loop", "fedfm.runner"),  # build_clients, make_summary, split_holdout, start_run, ...
-    ("fedfm.continual.loop", "fedfm.progress"),  # RunProgress
-    ("fedfm.runtime.checkpoint", "fedfm.runner"),  # resolve_config (load_for_resume)
-}
+# Imports that run the wrong way, as (importer, imported). Issue 13 emptied it: keep it empty
+# (move the code where it belongs instead of listing an exception).
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 
 # Import cycles today, each as the sorted modules of one strongly connected component.
-# Issue 13: this set must shrink to empty; never add to it.
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    # runner -> continual.loop -> runner; runner -> runtime.checkpoint -> runner (and the drivers that use checkpoint)
-    (
-        "fedfm.continual.loop",
-        "fedfm.runner",
-        "fedfm.runtime.asynchronous",
-        "fedfm.runtime.checkpoint",
-        "fedfm.runtime.simulation",
-    ),
-}
+# Issue 13: this set must stay empty; never add to it.
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 # -- the checker ----------------------------------------------------------------------
@@ -288,12 +262,10 @@ def test_layer_map_places_every_module_once():
     prefixes = [p for _, groups in LAYERS for ps in groups.values() for p in ps]
     assert len(prefixes) == len(set(prefixes))
     assert place("fedfm")[1] == "run"  # fedfm/__init__.py, by "fedfm.__init__" only
-    assert place("fedfm.runtime")[1] == "bottom"
-    assert place("fedfm.runtime.not_yet_placed") is None  # not covered by fedfm.runtime.__init__
     assert place("fedfm.not_yet_placed") is None
-    assert place("fedfm.continual.loop")[1] == "drivers"  # the longest entry wins
+    assert place("fedfm.drivers.continual")[1] == "drivers"
     assert place("fedfm.continual.replay")[2] == "continual"
-    assert place("fedfm.runtime.wire")[2] == "compression"
+    assert place("fedfm.compression.wire")[2] == "compression"
     assert set(FORBIDDEN) | {g for gs in FORBIDDEN.values() for g in gs} <= {
         g for _, groups in LAYERS for g in groups
     }
