@@ -4,11 +4,12 @@ Set per run with the ``compression`` config section; see
 :mod:`fedfm.compression.compressor` for how the simulation uses it.
 """
 
-from fedfm.compression.chain import CODECS, SOUND_DOWNLOAD, CodecChain, build_codec, chain_problem
+from fedfm.compression.chain import CodecChain, build_codec, chain_problem, sound_download, value_codecs
 from fedfm.compression.codecs import Cast, CodecError, StochasticQuant, TopK
 from fedfm.compression.compressor import Compressor
 from fedfm.compression.feedback import RESIDUAL_KEY
 from fedfm.errors import FedfmError
+from fedfm.registry import CODECS
 
 
 def check_compression(cfg) -> None:
@@ -30,6 +31,7 @@ def make_compressor(cfg) -> "Compressor | None":
 
 
 __all__ = [
-    "CODECS", "SOUND_DOWNLOAD", "Cast", "CodecChain", "CodecError", "Compressor", "RESIDUAL_KEY",
+    "CODECS", "Cast", "CodecChain", "CodecError", "Compressor", "RESIDUAL_KEY",
     "StochasticQuant", "TopK", "build_codec", "chain_problem", "check_compression", "make_compressor",
+    "sound_download", "value_codecs",
 ]
