@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fedfm.algorithms.base import Update
-from fedfm.algorithms.fedopt import ServerSGD
+from fedfm.algorithms.fedavg import MeanDeltaFold
+from fedfm.algorithms.fedopt import ServerAvgM, ServerSGD
 from fedfm.errors import FedfmError
 from fedfm.robustness import aggregators as agg
 from fedfm.robustness import attacks as atk
@@ -222,10 +223,43 @@ def test_fold_raises_krum_constraint_at_finish():
         fold.finish()
 
 
+def test_a_robust_rule_wraps_the_algorithms_fold_which_takes_its_own_step():
+    """The median goes to FedAvgM's fold as one update: its momentum runs on the medians, across rounds."""
+    inner = MeanDeltaFold(ServerAvgM(lr=1.0, momentum=0.5))
+    fold = agg.build_robust_fold("median", inner)
+    assert isinstance(fold, agg.RobustFold) and fold.inner is inner and fold.optimizer is inner.optimizer
+    x = OrderedDict(w=torch.tensor([0.0, 0.0]))
+    for deltas, want in (([[1, 2], [3, 4], [50, -50]], [3, 2]),  # medians m1 = (3, 2); v = m1
+                         ([[1, 0], [1, 0], [-9, 9]], [3 + 2.5, 2 + 1])):  # m2 = (1, 0); v = 0.5 v + m2
+        fold.start(x)
+        for i, d in enumerate(deltas):
+            fold.add(Update(client_id=i, delta=OrderedDict(w=T(d)), num_examples=1 + i))
+        x = fold.finish()
+        assert close(x["w"], want), x
+    assert agg.build_robust_fold("mean", inner) is inner  # no rule: the algorithm's own fold
+
+
+def test_attacks_ask_their_entry_not_their_name():
+    assert not atk.Attack().active and atk.Attack().malicious(10) == []
+    a = atk.Attack("ipm", fraction=0.3, epsilon=0.5, sigma=2.0)  # sigma belongs to gaussian: kept out
+    assert a.active and a.colluding and not a.poisons_data and a.epsilon == 0.5
+    with pytest.raises(AttributeError):
+        a.sigma
+    with pytest.raises(FedfmError, match="unknown option 'sigmaa'"):
+        atk.Attack("gaussian", sigmaa=1.0)
+    with pytest.raises(FedfmError, match="attack.poison_fraction"):
+        atk.Attack("backdoor", poison_fraction=0)
+    assert atk.Attack("backdoor").poison_fraction == 0.5 and atk.Attack("backdoor").poisons_data
+
+
 def test_registry_errors():
-    with pytest.raises(FedfmError, match="median, trimmed_mean, krum, multi_krum, bulyan, norm_bound, fltrust"):
+    with pytest.raises(FedfmError, match="bulyan, fltrust, krum, mean, median, multi_krum, norm_bound, trimmed_mean"):
         agg.build_robust_fold("geomed")
-    with pytest.raises(FedfmError, match="norm_bound"):
-        agg.build_robust_fold("norm_bound")
+    with pytest.raises(FedfmError, match="robust.norm_bound: Input should be greater than 0"):
+        agg.build_robust_fold("norm_bound", norm_bound=0)
+    with pytest.raises(FedfmError, match="robust.trim_fraction"):
+        agg.build_robust_fold("trimmed_mean", trim_fraction=0.5)
+    with pytest.raises(FedfmError, match="has no option 'trim_fraction'"):
+        agg.build_robust_fold("median", trim_fraction=0.2)
     with pytest.raises(FedfmError, match="server_update"):
         agg.build_robust_fold("fltrust")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 State = "OrderedDict[str, torch.Tensor]"  # ordered mapping of named tensors: what travels
 
@@ -44,6 +45,17 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
     base_version: int = 0  # the global version the client started from
+
+
+class AlgorithmOptions(BaseModel):
+    """Base of an algorithm's own options, declared next to it and registered as its config class.
+
+    The ``algorithm:`` config section validates the keys the chosen
+    algorithm's class declares (and fills their defaults), so a new algorithm
+    brings new options without a schema edit (see :mod:`fedfm.config.schema`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ClientHook:
@@ -96,9 +108,16 @@ class Algorithm:
 
     name = "base"
     hook_class: type[ClientHook] = ClientHook
+    # What this algorithm supports (capability names of fedfm.registry, e.g. SECURE_SUM);
+    # build_algorithm sets them from the registry entry the algorithm was built from.
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(self, fold: ServerFold) -> None:
         self.fold = fold
+
+    def supports(self, *capabilities: str) -> bool:
+        """True when the algorithm has every one of ``capabilities`` (see :mod:`fedfm.registry`)."""
+        return all(c in self.capabilities for c in capabilities)
 
     def broadcast(self, global_state: Mapping[str, torch.Tensor], version: int) -> Broadcast:
         return Broadcast(state=global_state, version=version)

@@ -21,9 +21,32 @@ from typing import Literal, Mapping
 import torch
 
 from fedfm.algorithms.base import Algorithm, RunningWeightedMean, ServerFold, Update
-from fedfm.algorithms.fedopt import ServerOptimizer, ServerSGD
+from fedfm.algorithms.fedopt import (
+    AdaptiveOptions,
+    DiLoCoOptions,
+    MomentumOptions,
+    ServerAdagrad,
+    ServerAdam,
+    ServerAvgM,
+    ServerNesterov,
+    ServerOptimizer,
+    ServerSGD,
+    ServerYogi,
+)
+from fedfm.registry import (
+    ALGORITHMS,
+    ASYNC_SAFE,
+    DELTA_ONLY,
+    MEAN_DELTA,
+    MERGEABLE,
+    PLAIN_CLIENT,
+    SECURE_SUM,
+)
 
 Weighting = Literal["examples", "uniform"]
+
+# FedAvg's fold on a plain client: everything the runtimes offer (see fedfm.registry).
+FEDAVG_CAPABILITIES = frozenset({MERGEABLE, SECURE_SUM, ASYNC_SAFE, MEAN_DELTA, PLAIN_CLIENT, DELTA_ONLY})
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -192,3 +215,34 @@ class FedAvg(Algorithm):
         super().__init__(MeanDeltaFold(server_opt or ServerSGD(server_lr), weighting))
         if name is not None:
             self.name = name
+
+
+# -- registered algorithms: FedAvg and FedAvg with another server optimizer (the FedOpt family) -------
+@ALGORITHMS.register("fedavg", capabilities=FEDAVG_CAPABILITIES,
+                     summary="FedAvg (McMahan et al. 2017): weighted mean of client deltas, server SGD")
+def _fedavg(cfg, num_clients: int) -> FedAvg:
+    return FedAvg(weighting=cfg.weighting, server_opt=ServerSGD(cfg.server_lr), name="fedavg")
+
+
+@ALGORITHMS.register("fedavgm", config=MomentumOptions, capabilities=FEDAVG_CAPABILITIES,
+                     summary="FedAvgM (Hsu et al. 2019): server momentum")
+def _fedavgm(cfg, num_clients: int) -> FedAvg:
+    return FedAvg(weighting=cfg.weighting, server_opt=ServerAvgM(cfg.server_lr, cfg.momentum), name="fedavgm")
+
+
+@ALGORITHMS.register("diloco", config=DiLoCoOptions, capabilities=FEDAVG_CAPABILITIES,
+                     summary="DiLoCo (Douillard et al. 2023): Nesterov outer optimizer, outer lr 0.7")
+def _diloco(cfg, num_clients: int) -> FedAvg:
+    return FedAvg(weighting=cfg.weighting, server_opt=ServerNesterov(cfg.server_lr, cfg.momentum), name="diloco")
+
+
+def _adaptive(name: str, opt: type[ServerOptimizer], summary: str) -> None:
+    def factory(cfg, num_clients: int) -> FedAvg:
+        return FedAvg(weighting=cfg.weighting, server_opt=opt(cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau), name=name)
+
+    ALGORITHMS.add(name, factory, config=AdaptiveOptions, capabilities=FEDAVG_CAPABILITIES, summary=summary)
+
+
+_adaptive("fedadam", ServerAdam, "FedAdam (Reddi et al. 2021)")
+_adaptive("fedyogi", ServerYogi, "FedYogi (Reddi et al. 2021)")
+_adaptive("fedadagrad", ServerAdagrad, "FedAdagrad (Reddi et al. 2021)")

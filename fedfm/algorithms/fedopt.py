@@ -27,6 +27,11 @@ as a negative pseudo-gradient and takes one optimizer step per round:
   ``v₋₁ ≥ τ²``; we take the smallest allowed value, so the first step is
   ``η (1-β1) Δ / (√(τ² + ...) + τ)`` and never divides by ~0.
 
+The options each reads from the ``algorithm:`` config section are declared
+here (:class:`MomentumOptions`, :class:`DiLoCoOptions`,
+:class:`AdaptiveOptions`); :mod:`fedfm.algorithms.fedavg` registers every
+one as an algorithm (FedAvg's client and fold with this server optimizer).
+
 Optimizer state is created lazily per tensor name on the first step and kept
 across rounds (the optimizer object lives as long as the algorithm). All math
 runs in the dtype of the tensors handed to :meth:`ServerOptimizer.step`; the
@@ -40,6 +45,25 @@ from collections import OrderedDict
 from typing import Mapping
 
 import torch
+from pydantic import Field
+
+from fedfm.algorithms.base import AlgorithmOptions
+
+
+class MomentumOptions(AlgorithmOptions):
+    momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM's beta; DiLoCo's Nesterov mu
+
+
+class DiLoCoOptions(MomentumOptions):
+    server_lr: float = Field(0.7, gt=0)  # DiLoCo's outer learning rate (Douillard et al. 2023) unless set
+
+
+class AdaptiveOptions(AlgorithmOptions):
+    """FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021): moments and adaptivity."""
+
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)  # adaptivity (epsilon)
 
 
 class ServerOptimizer:

@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
+from pydantic import Field
 
-from fedfm.algorithms.base import Algorithm, Broadcast, ClientHook
-from fedfm.algorithms.fedavg import MeanDeltaFold, Weighting
+from fedfm.algorithms.base import Algorithm, AlgorithmOptions, Broadcast, ClientHook
+from fedfm.algorithms.fedavg import FEDAVG_CAPABILITIES, MeanDeltaFold, Weighting
 from fedfm.algorithms.fedopt import ServerOptimizer, ServerSGD
+from fedfm.registry import ALGORITHMS, PLAIN_CLIENT
 
 
 class FedProxHook(ClientHook):
@@ -73,3 +75,13 @@ class FedProx(Algorithm):
 
     def client_hook(self, broadcast, params, client_state) -> FedProxHook:
         return FedProxHook(broadcast, params, client_state, mu=self.mu)
+
+
+class FedProxOptions(AlgorithmOptions):
+    mu: float = Field(0.01, ge=0)  # proximal strength
+
+
+@ALGORITHMS.register("fedprox", config=FedProxOptions, capabilities=FEDAVG_CAPABILITIES - {PLAIN_CLIENT},
+                     summary="FedProx (Li et al. 2020): proximal term on the client, FedAvg's fold")
+def _fedprox(cfg, num_clients: int) -> FedProx:
+    return FedProx(mu=cfg.mu, weighting=cfg.weighting, server_opt=ServerSGD(cfg.server_lr))

@@ -29,6 +29,7 @@ import torch
 from fedfm.algorithms.base import Algorithm, Broadcast, ClientHook, RunningWeightedMean, Update
 from fedfm.algorithms.fedavg import MeanDeltaFold, Weighting, compute_dtype
 from fedfm.algorithms.fedopt import ServerOptimizer, ServerSGD
+from fedfm.registry import ALGORITHMS, MERGEABLE
 
 CONTROL = "control"  # broadcast extras key: the server control variate c
 CONTROL_DELTA = "control_delta"  # update extras key: c_i⁺ - c_i
@@ -189,3 +190,11 @@ class Scaffold(Algorithm):
 
     def broadcast(self, global_state: Mapping[str, torch.Tensor], version: int) -> Broadcast:
         return Broadcast(state=global_state, version=version, extras={CONTROL: self.fold.ensure_control(global_state)})
+
+
+# Control variates travel as update extras (no DELTA_ONLY) and must be summed with the deltas (no
+# SECURE_SUM, no MEAN_DELTA); stale control variates break the correction (no ASYNC_SAFE).
+@ALGORITHMS.register("scaffold", capabilities={MERGEABLE},
+                     summary="SCAFFOLD (Karimireddy et al. 2020): control variates, option II")
+def _scaffold(cfg, num_clients: int) -> Scaffold:
+    return Scaffold(num_clients, weighting=cfg.weighting, server_opt=ServerSGD(cfg.server_lr))

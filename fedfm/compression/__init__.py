@@ -4,11 +4,12 @@ Set per run with the ``compression`` config section; :mod:`fedfm.compression.wir
 is the one wire format every message uses, with or without codecs.
 """
 
-from fedfm.compression.chain import CODECS, SOUND_DOWNLOAD, CodecChain, build_codec, chain_problem
+from fedfm.compression.chain import CodecChain, build_codec, chain_problem, sound_download, value_codecs
 from fedfm.compression.codecs import Cast, CodecError, StochasticQuant, TopK
 from fedfm.compression.feedback import RESIDUAL_KEY
 from fedfm.compression.wire import Wire, WireError
 from fedfm.errors import FedfmError
+from fedfm.registry import CODECS
 
 
 def check_compression(cfg) -> None:
@@ -22,6 +23,6 @@ def check_compression(cfg) -> None:
 
 
 __all__ = [
-    "CODECS", "SOUND_DOWNLOAD", "Cast", "CodecChain", "CodecError", "RESIDUAL_KEY", "StochasticQuant", "TopK",
-    "Wire", "WireError", "build_codec", "chain_problem", "check_compression",
+    "CODECS", "Cast", "CodecChain", "CodecError", "RESIDUAL_KEY", "StochasticQuant", "TopK", "Wire", "WireError",
+    "build_codec", "chain_problem", "check_compression", "sound_download", "value_codecs",
 ]

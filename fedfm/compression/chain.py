@@ -2,41 +2,49 @@
 
 ``[topk, int8]`` keeps the top-k entries, then quantizes the kept values:
 stage i codes the carrier (``"v"``) of stage i-1; every other part of every
-stage travels. Only ``topk`` yields a float32 carrier, so it may only come
-first, and at most one value codec (``fp16``, ``bf16``, ``int8``, ``int4``)
-follows it.
+stage travels. Only a ``LEADING`` codec (``topk``) yields a float32 carrier,
+so it may only come first, and at most one ``VALUE`` codec (``fp16``,
+``bf16``, ``int8``, ``int4``) follows it (capabilities of
+:data:`fedfm.registry.CODECS`).
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
-from fedfm.compression.codecs import Cast, Codec, CodecError, StochasticQuant, TopK
+from fedfm.compression.codecs import Codec, CodecError
+from fedfm.registry import CODECS, DOWNLOAD_SAFE, LEADING, VALUE
 
-VALUE_CODECS = ("fp16", "bf16", "int8", "int4")
-CODECS = ("topk", *VALUE_CODECS)
-SOUND_DOWNLOAD = ("fp16", "bf16")  # deterministic rounding: every client starts from the same state
+
+def value_codecs() -> list[str]:
+    """Codecs that code every value to a narrower type (at most one per chain)."""
+    return CODECS.names(VALUE)
+
+
+def sound_download() -> list[str]:
+    """Codecs deterministic enough for broadcasts: every client starts from the same state."""
+    return CODECS.names(DOWNLOAD_SAFE)
 
 
 def chain_problem(names: list[str]) -> str | None:
     """Why ``names`` is not a valid chain, or None."""
     unknown = [n for n in names if n not in CODECS]
     if unknown:
-        return f"unknown codec {unknown[0]!r} (choose from {', '.join(CODECS)})"
-    if "topk" in names[1:]:
-        return "topk must come first in a codec chain"
-    values = [n for n in names if n in VALUE_CODECS]
+        return f"unknown codec {unknown[0]!r} (choose from {', '.join(CODECS.names())})"
+    leading = [n for n in names[1:] if CODECS.supports(n, LEADING)]
+    if leading:
+        return f"{leading[0]} must come first in a codec chain"
+    values = [n for n in names if CODECS.supports(n, VALUE)]
     if len(values) > 1:
-        return f"at most one of {', '.join(VALUE_CODECS)} per chain, got {values}"
+        return f"at most one of {', '.join(value_codecs())} per chain, got {values}"
     return None
 
 
 def build_codec(name: str, topk_fraction: float = 0.1, chunk: int | None = None) -> Codec:
-    if name == "topk":
-        return TopK(topk_fraction)
-    if name in ("int8", "int4"):
-        return StochasticQuant(int(name[3:]), chunk)
-    return Cast(name)
+    """The registered codec ``name`` with the compression section's shared options."""
+    return CODECS.get(name).obj(SimpleNamespace(topk_fraction=topk_fraction, chunk_size=chunk))
 
 
 class CodecChain:

@@ -16,6 +16,13 @@ further (top-k's kept values). :mod:`fedfm.compression.chain` composes them.
   (indices as int32, values as the carrier) -- biased, meant to run with
   error feedback (Stich et al. 2018; Karimireddy et al. 2019), see
   :mod:`fedfm.compression.feedback`.
+
+Every codec registers a factory ``(opts) -> Codec`` in
+:data:`fedfm.registry.CODECS` (bottom of this module), where ``opts`` has
+the compression section's shared options ``topk_fraction`` and
+``chunk_size``, with its capabilities: ``LEADING`` (top-k: only first in a
+chain), ``VALUE`` (at most one per chain), ``DOWNLOAD_SAFE`` (deterministic:
+may code broadcasts), ``STOCHASTIC``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from fedfm.registry import CODECS, DOWNLOAD_SAFE, LEADING, STOCHASTIC, VALUE
 
 
 class CodecError(ValueError):
@@ -159,3 +168,29 @@ class TopK(Codec):
         out = torch.zeros(n, dtype=torch.float32)
         out[idx] = v
         return out
+
+
+# -- the registered codecs --------------------------------------------------------------
+@CODECS.register("topk", capabilities={LEADING}, summary="keep the top-k entries by magnitude (with error feedback)")
+def _topk(opts) -> Codec:
+    return TopK(opts.topk_fraction)
+
+
+@CODECS.register("fp16", capabilities={VALUE, DOWNLOAD_SAFE}, summary="IEEE half precision, round to nearest")
+def _fp16(opts) -> Codec:
+    return Cast("fp16")
+
+
+@CODECS.register("bf16", capabilities={VALUE, DOWNLOAD_SAFE}, summary="bfloat16, round to nearest")
+def _bf16(opts) -> Codec:
+    return Cast("bf16")
+
+
+@CODECS.register("int8", capabilities={VALUE, STOCHASTIC}, summary="unbiased stochastic 8-bit quantization (QSGD)")
+def _int8(opts) -> Codec:
+    return StochasticQuant(8, opts.chunk_size)
+
+
+@CODECS.register("int4", capabilities={VALUE, STOCHASTIC}, summary="unbiased stochastic 4-bit quantization (QSGD)")
+def _int4(opts) -> Codec:
+    return StochasticQuant(4, opts.chunk_size)

@@ -42,16 +42,23 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return data
 
 
+def _shown(value) -> str:
+    return f" (got {value!r})" if not isinstance(value, dict) and value is not None else ""
+
+
 def format_validation_error(err: ValidationError) -> str:
+    """All problems on one line: ``unknown key 'a.b'`` or ``'a.b': message (got value)``."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
+        elif e["type"] == "entry_options":  # an entry's own options (fedfm.config.schema.EntrySection)
+            for p in e["ctx"]["problems"]:
+                where = f"{loc}.{p['key']}" if p["key"] else loc
+                parts.append(f"unknown key '{where}'" if p["msg"] is None else f"'{where}': {p['msg']}{_shown(p['input'])}")
         else:
-            value = e.get("input")
-            shown = f" (got {value!r})" if not isinstance(value, dict) and value is not None else ""
-            parts.append(f"'{loc}': {e['msg']}{shown}")
+            parts.append(f"'{loc}': {e['msg']}{_shown(e.get('input'))}")
     return "invalid config: " + "; ".join(parts)
 
 

@@ -2,20 +2,138 @@
 
 Every section forbids unknown keys, so a typo such as ``train.lrr=1`` fails
 with a one-line error naming the key instead of being silently ignored.
+
+Choices come from the registries (:mod:`fedfm.registry`), not from lists
+written here: ``algorithm.name``, ``robust.rule``, ``attack.name``,
+``model.method``, ``federation.partition.scheme`` and the codecs of
+``compression.upload`` / ``compression.download`` are strings validated
+against the names registered for that extension point (discovered lazily,
+so this module imports no component above it).
+
+Entry options. The ``algorithm:``, ``robust:`` and ``attack:`` sections
+(:class:`EntrySection`) hold a few options every entry shares (declared
+below) plus the options of the chosen entry, declared by that entry's own
+config class next to its implementation (e.g. ``mu`` by FedProx's
+``FedProxOptions``, ``trim_fraction`` by the trimmed mean's). Such a key is
+written flat in the section, exactly like a declared one
+(``algorithm.mu=0.1``), and:
+
+* a key the chosen entry declares is validated by its config class, and the
+  entry's defaults fill the keys not given (``cfg.algorithm.mu`` is 0.01
+  for ``name=fedprox``);
+* a key only another entry of the same registry declares is validated by
+  that entry's class and kept, unused (switching ``algorithm.name`` on a
+  config written for another algorithm keeps working);
+* any other key is refused as ``unknown key 'algorithm.foo'``;
+* a shared option the entry's class re-declares takes the entry's default
+  unless it is set (DiLoCo's ``server_lr`` of 0.7).
+
+So a new algorithm with new options is one file: its options class and its
+registration; the schema accepts and validates its keys without an edit.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from fedfm.registry import (
+    ALGORITHMS,
+    ATTACKS,
+    CODECS,
+    DOWNLOAD_SAFE,
+    LEADING,
+    METHODS,
+    PARTITIONERS,
+    ROBUST_RULES,
+    VALUE,
+    Registry,
+)
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-Method = Literal["full", "lora", "ia3", "prompt", "prefix"]
+def _one_of(names: list[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def choice(registry: Registry, *capabilities: str) -> AfterValidator:
+    """Validator of a name field: a name registered in ``registry`` with every one of ``capabilities``."""
+
+    def check(value: str) -> str:
+        names = registry.names(*capabilities)
+        if value not in names:
+            raise PydanticCustomError("registry_choice", "Input should be {expected}", {"expected": _one_of(names)})
+        return value
+
+    return AfterValidator(check)
+
+
+def _validated(config: type[BaseModel], data: dict, problems: list[dict]) -> dict | None:
+    """``data`` validated by ``config`` (with its defaults), or None after adding its problems."""
+    try:
+        return config.model_validate(data).model_dump()
+    except ValidationError as err:
+        for e in err.errors():
+            problems.append({"key": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "input": e.get("input")})
+        return None
+
+
+class EntrySection(Section):
+    """A section naming one registry entry (field ``choice_field``) and carrying that entry's options.
+
+    Keys beyond the declared fields are the entries' options (module doc).
+    Problems raise one ``entry_options`` error whose context lists them;
+    :func:`fedfm.config.load.format_validation_error` prints each on the one line.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    registry: ClassVar[Registry]
+    choice_field: ClassVar[str] = "name"
+
+    @model_validator(mode="after")
+    def _entry_options(self):
+        fields = type(self).model_fields
+        entry = self.registry.get(getattr(self, self.choice_field))
+        declared = entry.config.model_fields if entry.config is not None else {}
+        given = dict(self.__pydantic_extra__ or {})
+        problems: list[dict] = []
+        values: dict = {}
+        shared = [k for k in declared if k in fields]
+        for key in shared:  # a shared option the entry re-declares: the entry's default unless set
+            if key not in self.model_fields_set:
+                object.__setattr__(self, key, declared[key].get_default(call_default_factory=True))
+        if entry.config is not None:
+            mine = {k: v for k, v in given.items() if k in declared}
+            mine.update((k, getattr(self, k)) for k in shared)
+            checked = _validated(entry.config, mine, problems)
+            if checked is not None:
+                values.update((k, v) for k, v in checked.items() if k not in fields)
+        for key, value in given.items():
+            if key in declared:
+                continue
+            owners = self.registry.option_owners(key)
+            if not owners:
+                problems.append({"key": key, "msg": None, "input": value})
+                continue
+            checked = _validated(owners[0].config, {key: value}, problems)
+            if checked is not None:
+                values[key] = checked[key]
+        if problems:
+            message = "; ".join(
+                f"unknown key {p['key']!r}" if p["msg"] is None else f"{p['key'] or 'options'}: {p['msg']}"
+                for p in problems
+            )
+            raise PydanticCustomError("entry_options", "{message}", {"message": message, "problems": problems})
+        self.__pydantic_extra__ = values
+        return self
+
+
 Task = Literal["seq_cls", "causal_lm"]
 
 
@@ -68,7 +186,7 @@ class ScratchConfig(Section):
 class ModelConfig(Section):
     name: str = "minilm"  # a packaged alias (minilm, smollm2, tiny-bert, tiny-llama, llama-scratch) or a local path
     task: Task = "seq_cls"
-    method: Method = "lora"
+    method: Annotated[str, choice(METHODS)] = "lora"  # full, lora, ia3, prompt, prefix (fedfm.models.methods)
     max_length: int = Field(64, ge=8)
     # seq_cls on a BERT-style encoder: cls = the pooler over the first token (as transformers ships it);
     # mean = the mean of the real tokens' last hidden states (sentence-transformers; fedfm.models.pooling)
@@ -107,7 +225,7 @@ class DataConfig(Section):
 
 
 class PartitionConfig(Section):
-    scheme: Literal["iid", "dirichlet", "quantity", "natural"] = "dirichlet"
+    scheme: Annotated[str, choice(PARTITIONERS)] = "dirichlet"  # iid, dirichlet, quantity, natural
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration (label skew or quantity skew)
     min_examples: int = Field(2, ge=1)  # each client gets at least this many examples
 
@@ -127,26 +245,22 @@ class FederationConfig(Section):
         return self
 
 
-class AlgorithmConfig(Section):
-    name: Literal[
-        "fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco"
-    ] = "fedavg"
-    server_lr: float = Field(1.0, gt=0)  # diloco: 0.7 unless set (Douillard et al. 2023)
+class AlgorithmConfig(EntrySection):
+    """The federated algorithm (fedfm.algorithms): ``name`` and the options every algorithm shares.
+
+    The chosen algorithm's own options sit beside them (module doc): ``mu``
+    (fedprox), ``momentum`` (fedavgm, diloco), ``beta1``, ``beta2``, ``tau``
+    (fedadam, fedyogi, fedadagrad); diloco's ``server_lr`` defaults to 0.7.
+    """
+
+    registry: ClassVar[Registry] = ALGORITHMS
+
+    name: Annotated[str, choice(ALGORITHMS)] = "fedavg"
+    server_lr: float = Field(1.0, gt=0)
     weighting: Literal["examples", "uniform"] = "examples"
-    mu: float = Field(0.01, ge=0)  # FedProx proximal strength
-    momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM; DiLoCo (Nesterov)
-    beta1: float = Field(0.9, ge=0, lt=1)  # FedAdam / FedYogi / FedAdagrad first moment
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)  # adaptivity (epsilon) of FedOpt, Reddi et al. 2021
     # > 0: evaluate and release an exponential moving average of the global versions (clients still
     # train from the newest); post-processing, so free under DP (De et al. 2022)
     ema_decay: float = Field(0.0, ge=0, lt=1)
-
-    @model_validator(mode="after")
-    def _diloco_outer_lr(self) -> "AlgorithmConfig":
-        if self.name == "diloco" and "server_lr" not in self.model_fields_set:
-            object.__setattr__(self, "server_lr", 0.7)  # DiLoCo's outer learning rate
-        return self
 
 
 class TrainConfig(Section):
@@ -258,40 +372,40 @@ class PrivacyConfig(Section):
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
 
-class RobustConfig(Section):
-    """Robust server aggregation (replaces the weighted mean of the algorithm's fold)."""
+class RobustConfig(EntrySection):
+    """Robust server aggregation around the algorithm's fold (fedfm.robustness.aggregators).
 
-    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bound", "fltrust"] = "mean"
+    The rule's own options sit beside ``rule`` (module doc): ``trim_fraction``
+    (trimmed_mean), ``multi_krum_m`` (multi_krum), ``norm_bound`` (norm_bound),
+    ``root_examples`` (fltrust: the server's clean root dataset, carved out of
+    the global holdout, data.test_fraction, before the test set is fixed).
+    """
+
+    registry: ClassVar[Registry] = ROBUST_RULES
+    choice_field: ClassVar[str] = "rule"
+
+    rule: Annotated[str, choice(ROBUST_RULES)] = "mean"
     num_byzantine: int = Field(0, ge=0)  # f, the number of attackers a rule must tolerate per round
-    trim_fraction: float = Field(0.1, ge=0, lt=0.5)
-    multi_krum_m: int | None = Field(None, ge=1)
-    norm_bound: float = Field(1.0, gt=0)
-    # FLTrust (Cao et al. 2021): the server's clean root dataset, carved out of the global
-    # holdout (data.test_fraction) before the test set is fixed; the test set is the rest.
-    root_examples: int = Field(100, ge=1)
 
 
-class AttackConfig(Section):
+class AttackConfig(EntrySection):
     """Simulated attackers, for evaluating defenses (fedfm/robustness/attacks.py, poison.py).
 
     Model poisoning: sign_flip, gaussian, model_replacement, alie, ipm. Data poisoning
     (classification only): label_flip, backdoor (Bagdasaryan et al.'s scaled model replacement).
+    The attack's own options sit beside ``name`` (module doc): ``scale`` (sign_flip factor 1;
+    model_replacement / backdoor boost, n/eta), ``sigma`` (gaussian), ``epsilon`` (ipm),
+    ``z`` (alie), ``flip_mode`` / ``flip_map`` (label_flip), ``poison_fraction`` (backdoor).
     """
 
-    name: Literal[
-        "none", "sign_flip", "gaussian", "model_replacement", "alie", "ipm", "label_flip", "backdoor"
-    ] = "none"
+    registry: ClassVar[Registry] = ATTACKS
+
+    name: Annotated[str, choice(ATTACKS)] = "none"
     fraction: float = Field(0.0, ge=0, le=1)  # of all clients, chosen once per run
-    scale: float | None = Field(None, gt=0)  # sign_flip factor (1); model_replacement/backdoor boost γ (n/η)
-    sigma: float = Field(1.0, gt=0)  # gaussian: std of the replacement noise
-    epsilon: float = Field(0.1, gt=0)  # IPM strength
-    z: float | None = None  # ALIE: None = the paper's z_max for the cohort
-    flip_mode: Literal["reverse", "shift"] = "reverse"  # label_flip: y -> C-1-y, or y -> y+1 mod C
-    flip_map: dict[int, int] | None = None  # label_flip: explicit {from: to}, overrides flip_mode
-    target_label: int = Field(0, ge=0)  # backdoor: the class triggered inputs should land in
-    trigger: str = Field("cf", min_length=1)  # backdoor: the trigger text
+    # The backdoor trigger, also for eval.backdoor without a backdoor attacker:
+    target_label: int = Field(0, ge=0)  # the class triggered inputs should land in
+    trigger: str = Field("cf", min_length=1)  # the trigger text
     trigger_position: Literal["start", "end", "random"] = "start"  # "end" is cut off past model.max_length
-    poison_fraction: float = Field(0.5, gt=0, le=1)  # backdoor: share of an attacker's rows that get the trigger
 
 
 class PersonalizationConfig(Section):
@@ -386,20 +500,23 @@ class CompressionConfig(Section):
     client's coding error in its private state and adds it to its next upload (Stich et al. 2018).
     """
 
-    upload: list[Literal["topk", "fp16", "bf16", "int8", "int4"]] = []
-    download: list[Literal["fp16", "bf16"]] = []
+    upload: list[Annotated[str, choice(CODECS)]] = []
+    download: list[Annotated[str, choice(CODECS, DOWNLOAD_SAFE)]] = []
     topk_fraction: float = Field(0.1, gt=0, le=1)  # share of each tensor's entries kept by topk
     chunk_size: int | None = Field(None, ge=1)  # int8/int4: one scale per chunk of values; None: per tensor
     error_feedback: bool = False
 
     @model_validator(mode="after")
     def _valid_chains(self) -> "CompressionConfig":
-        if "topk" in self.upload[1:]:
-            raise ValueError("compression.upload: topk must come first in the chain")
         for where, chain in (("upload", self.upload), ("download", self.download)):
-            values = [c for c in chain if c != "topk"]
+            leading = [c for c in chain[1:] if CODECS.supports(c, LEADING)]
+            if leading:
+                raise ValueError(f"compression.{where}: {leading[0]} must come first in the chain")
+            values = [c for c in chain if CODECS.supports(c, VALUE)]
             if len(values) > 1:
-                raise ValueError(f"compression.{where}: at most one of fp16, bf16, int8, int4 per chain, got {values}")
+                raise ValueError(
+                    f"compression.{where}: at most one of {', '.join(CODECS.names(VALUE))} per chain, got {values}"
+                )
         if self.error_feedback and not self.upload:
             raise ValueError("compression.error_feedback needs an upload codec chain (compression.upload)")
         return self
@@ -474,12 +591,12 @@ class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
-    algorithm: AlgorithmConfig = AlgorithmConfig()
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
-    robust: RobustConfig = RobustConfig()
-    attack: AttackConfig = AttackConfig()
+    robust: RobustConfig = Field(default_factory=RobustConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
     personalization: PersonalizationConfig = PersonalizationConfig()
     continual: ContinualConfig = ContinualConfig()
     compression: CompressionConfig = CompressionConfig()

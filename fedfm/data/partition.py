@@ -10,6 +10,10 @@ client; each client's indices are returned sorted):
 - ``quantity``: quantity skew, client sizes ~ Dir(alpha), labels iid.
 - ``natural``: one natural group (a user, a Shakespeare role as in LEAF,
   Caldas et al. 2018) never straddles two clients.
+
+Every scheme registers itself in :data:`fedfm.registry.PARTITIONERS` as
+``(num_clients, num_examples, labels, groups, alpha, min_examples, rng) ->
+parts``; ``NEEDS_LABELS`` / ``NEEDS_GROUPS`` say what it cannot do without.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Sequence
 import numpy as np
 
 from fedfm.errors import FedfmError
+from fedfm.registry import NEEDS_GROUPS, NEEDS_LABELS, PARTITIONERS
 
-SCHEMES = ("iid", "dirichlet", "quantity", "natural")
+SCHEMES = PARTITIONERS  # the registered scheme names (iterable; discovered on first use)
 DIRICHLET_ATTEMPTS = 100
 
 
@@ -40,8 +45,7 @@ def partition(
     Returns one sorted int64 index array per client; together they cover
     ``0..num_examples-1`` exactly once.
     """
-    if scheme not in SCHEMES:
-        raise FedfmError(f"unknown partition scheme '{scheme}': expected one of {', '.join(SCHEMES)}")
+    entry = PARTITIONERS.get(scheme)  # FedfmError naming the valid schemes
     if num_clients < 1:
         raise FedfmError(f"num_clients must be at least 1, got {num_clients}")
     if num_clients * min_examples > num_examples:
@@ -49,21 +53,41 @@ def partition(
             f"num_clients={num_clients} with min_examples={min_examples} needs "
             f"{num_clients * min_examples} examples but there are only {num_examples} to partition"
         )
-    rng = np.random.default_rng(seed)
-    if scheme == "iid":
-        return _sorted(np.array_split(rng.permutation(num_examples), num_clients))
-    if scheme == "quantity":
-        return _quantity(num_clients, num_examples, alpha, min_examples, rng)
-    if scheme == "dirichlet":
-        if labels is None:
-            raise FedfmError(
-                "partition scheme 'dirichlet' needs labels; use 'iid' or 'quantity' for unlabeled data"
-            )
+    if entry.supports(NEEDS_LABELS) and labels is None:
+        unlabeled = [n for n in PARTITIONERS.names() if not PARTITIONERS.supports(n, NEEDS_LABELS)]
+        raise FedfmError(
+            f"partition scheme '{scheme}' needs labels; use one of {', '.join(unlabeled)} for unlabeled data"
+        )
+    if entry.supports(NEEDS_GROUPS) and groups is None:
+        raise FedfmError(f"partition scheme '{scheme}' needs a group per example (set data.group_column)")
+    if entry.supports(NEEDS_LABELS):
         labels = _check_len(np.asarray(labels), num_examples, "labels")
-        return _dirichlet(num_clients, labels, alpha, min_examples, rng)
-    if groups is None:
-        raise FedfmError("partition scheme 'natural' needs a group per example (set data.group_column)")
-    return _natural(num_clients, list(_check_len(groups, num_examples, "groups")), min_examples)
+    if entry.supports(NEEDS_GROUPS):
+        groups = list(_check_len(groups, num_examples, "groups"))
+    rng = np.random.default_rng(seed)
+    return entry.obj(num_clients, num_examples, labels, groups, alpha, min_examples, rng)
+
+
+@PARTITIONERS.register("iid", summary="a shuffle cut into equal parts")
+def _iid(k: int, n: int, labels, groups, alpha: float, min_examples: int, rng) -> list[np.ndarray]:
+    return _sorted(np.array_split(rng.permutation(n), k))
+
+
+@PARTITIONERS.register("quantity", summary="quantity skew: client sizes ~ Dir(alpha), labels iid")
+def _quantity_scheme(k: int, n: int, labels, groups, alpha: float, min_examples: int, rng) -> list[np.ndarray]:
+    return _quantity(k, n, alpha, min_examples, rng)
+
+
+@PARTITIONERS.register("dirichlet", capabilities={NEEDS_LABELS},
+                       summary="label skew: per class, client shares ~ Dir(alpha) (Hsu et al. 2019)")
+def _dirichlet_scheme(k: int, n: int, labels, groups, alpha: float, min_examples: int, rng) -> list[np.ndarray]:
+    return _dirichlet(k, labels, alpha, min_examples, rng)
+
+
+@PARTITIONERS.register("natural", capabilities={NEEDS_GROUPS},
+                       summary="whole natural groups (users, roles) per client (LEAF, Caldas et al. 2018)")
+def _natural_scheme(k: int, n: int, labels, groups, alpha: float, min_examples: int, rng) -> list[np.ndarray]:
+    return _natural(k, groups, min_examples)
 
 
 def _check_len(values, n: int, what: str):

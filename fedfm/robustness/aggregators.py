@@ -30,13 +30,19 @@ client deltas (one row per client) and returns the robust aggregate ``[d]``:
 Median, trimmed mean, Krum, Multi-Krum and Bulyan ignore client weights (a
 Byzantine client could lie about its example count); norm bounding uses them.
 
-:class:`RobustFold` is the :class:`~fedfm.algorithms.base.ServerFold` wrapper.
-Unlike :class:`~fedfm.algorithms.fedavg.MeanDeltaFold` it **buffers every
-update of the round** (memory O(n·model)) because these rules need all updates
-at once. ``finish()`` hands the robust aggregate Δ to a
-:class:`~fedfm.algorithms.fedopt.ServerOptimizer` (default ``ServerSGD(1.0)``)
-exactly as MeanDeltaFold does and returns the new global state with the
-global keys, order and dtypes.
+:class:`RobustFold` is a :class:`~fedfm.algorithms.base.ServerFold` that
+**wraps the algorithm's own fold**. Unlike
+:class:`~fedfm.algorithms.fedavg.MeanDeltaFold` it **buffers every update of
+the round** (memory O(n·model)) because these rules need all updates at once.
+``finish()`` computes the robust aggregate Δ and hands it to the inner fold as
+one update of weight 1, so the inner fold takes its own step (its server
+optimizer, FedAvgM's momentum, FedAdam's moments) on Δ instead of on the
+weighted mean; it returns the inner fold's new global state. The inner fold
+must step on a weighted mean of deltas alone (capability ``MEAN_DELTA``).
+
+Every rule registers itself in :data:`fedfm.registry.ROBUST_RULES` as a
+:class:`RobustRule` (its options class, its cohort-size requirement, how it
+wraps a fold); ``mean`` is the identity: the algorithm's own fold.
 """
 
 from __future__ import annotations
@@ -47,10 +53,13 @@ from typing import Callable, Literal, Mapping
 
 import torch
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from fedfm.algorithms.base import ServerFold, Update
-from fedfm.algorithms.fedavg import float_entries
-from fedfm.algorithms.fedopt import ServerOptimizer, ServerSGD
+from fedfm.algorithms.fedavg import MeanDeltaFold, float_entries
+from fedfm.algorithms.fedopt import ServerOptimizer
 from fedfm.errors import FedfmError
+from fedfm.registry import NEEDS_ALL_UPDATES, NEEDS_ROOT_DATA, ROBUST_RULES
 
 Weighting = Literal["examples", "uniform"]
 Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [n, d], weights [n]) -> [d]
@@ -101,23 +110,25 @@ def krum_scores(x: torch.Tensor, f: int, neighbours: int | None = None) -> torch
     return d2.sort(dim=1).values[:, :k].sum(dim=1)
 
 
-def cohort_requirement(rule: str, n: int, f: int) -> str | None:
-    """The bound on the number of updates ``n`` that ``rule`` with ``f`` attackers violates, or None.
+def krum_requirement(n: int, f: int) -> str | None:
+    """Krum / Multi-Krum need ``n > 2f + 2`` updates (Blanchard et al. 2017); the bound, or None when met."""
+    return None if n > 2 * f + 2 else "n > 2f + 2"
 
-    Krum / Multi-Krum need ``n > 2f + 2`` (Blanchard et al. 2017); Bulyan
-    needs ``n >= 4f + 3`` (El Mhamdi et al. 2018); other rules have no bound.
-    """
-    if rule in ("krum", "multi_krum") and not n > 2 * f + 2:
-        return "n > 2f + 2"
-    if rule == "bulyan" and not n >= 4 * f + 3:
-        return "n >= 4f + 3"
-    return None
+
+def bulyan_requirement(n: int, f: int) -> str | None:
+    """Bulyan needs ``n >= 4f + 3`` updates (El Mhamdi et al. 2018); the bound, or None when met."""
+    return None if n >= 4 * f + 3 else "n >= 4f + 3"
+
+
+def cohort_requirement(rule: str, n: int, f: int) -> str | None:
+    """The bound on the number of updates ``n`` that ``rule`` with ``f`` attackers violates, or None."""
+    return ROBUST_RULES.get(rule).obj().requirement(n, f)
 
 
 def _krum_guard(n: int, f: int, what: str) -> None:
     if f < 0:
         raise RobustAggregationError(f"{what}: num_byzantine must be >= 0, got {f}")
-    if cohort_requirement("krum", n, f):
+    if krum_requirement(n, f):
         raise RobustAggregationError(
             f"{what} needs n > 2f + 2 updates (Blanchard et al. 2017); got n={n}, f={f}"
         )
@@ -157,7 +168,7 @@ def bulyan(x: torch.Tensor, f: int) -> torch.Tensor:
     """
     _check(x)
     n = x.shape[0]
-    if f < 0 or cohort_requirement("bulyan", n, f):
+    if f < 0 or bulyan_requirement(n, f):
         raise RobustAggregationError(f"Bulyan needs n >= 4f + 3 updates (El Mhamdi et al. 2018); got n={n}, f={f}")
     theta, beta = n - 2 * f, n - 4 * f
     remaining, chosen = list(range(n)), []
@@ -207,26 +218,39 @@ def fltrust(x: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
 
 
 # -- the fold -----------------------------------------------------------------
+def as_fold(inner: ServerFold | ServerOptimizer | None) -> ServerFold:
+    """The fold a robust rule wraps: ``inner`` itself, or FedAvg's fold with a given server optimizer.
+
+    ``None`` is FedAvg's fold with ``ServerSGD(1.0)``; a
+    :class:`~fedfm.algorithms.fedopt.ServerOptimizer` is FedAvg's fold with it.
+    """
+    if inner is None or isinstance(inner, ServerOptimizer):
+        return MeanDeltaFold(inner, "uniform")
+    return inner
+
+
 class RobustFold(ServerFold):
-    """Buffer every float delta of the round, aggregate with ``rule``, take one server step.
+    """Buffer every float delta of the round, aggregate with ``rule``, hand the result to ``inner``.
 
     ``rule(x, weights) -> Δ`` receives the stacked flattened deltas ``[n, d]``
     (float32, float64 when the global state has a float64 tensor) and their
     weights (``"uniform"``: 1 each; ``"examples"``: ``num_examples``, and an
-    update with 0 examples is skipped as in MeanDeltaFold). Non-float tensors
-    keep their global value; ``finish()`` with nothing buffered returns copies
-    of the global state. Inputs are never modified. ``client_ids`` lists the
-    buffered clients in arrival order (row order of ``x``).
+    update with 0 examples is skipped as in MeanDeltaFold). ``finish()`` adds
+    Δ to the inner fold as one update of weight 1 (``client_id=-1``) and
+    returns the inner fold's ``finish()``; with nothing buffered, the inner
+    fold finishes empty (copies of the global state). Inputs are never
+    modified. ``client_ids`` lists the buffered clients in arrival order (row
+    order of ``x``). ``optimizer`` is the inner fold's (checkpoints save it).
 
     Memory is O(n · model): robust rules need all updates at once.
     """
 
-    def __init__(self, rule: Rule, optimizer: ServerOptimizer | None = None,
+    def __init__(self, rule: Rule, inner: ServerFold | ServerOptimizer | None = None,
                  weighting: Weighting = "uniform", name: str = "robust") -> None:
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
         self.rule = rule
-        self.optimizer = optimizer if optimizer is not None else ServerSGD(1.0)
+        self.inner = as_fold(inner)
         self.weighting = weighting
         self.name = name
         self.version = 0
@@ -235,6 +259,10 @@ class RobustFold(ServerFold):
         self._rows: list[torch.Tensor] = []
         self._weights: list[float] = []
         self.client_ids: list[int] = []
+
+    @property
+    def optimizer(self) -> ServerOptimizer:
+        return self.inner.optimizer
 
     @property
     def num_folded(self) -> int:
@@ -249,6 +277,7 @@ class RobustFold(ServerFold):
         self._float_keys = [k for k, v in global_state.items() if v.is_floating_point()]
         self._rows, self._weights, self.client_ids = [], [], []
         self.version = version
+        self.inner.start(global_state, version)
 
     def add(self, update: Update) -> bool:
         """Buffer one update; returns False when it was skipped (weight 0)."""
@@ -265,24 +294,24 @@ class RobustFold(ServerFold):
 
     def finish(self) -> "OrderedDict[str, torch.Tensor]":
         g = self._require_started()
+        agg = None
         try:  # the rule may still use the global state (FLTrust flattens g_0 with it)
-            if not self._rows:
-                return OrderedDict((k, v.detach().clone()) for k, v in g.items())
-            x = torch.stack(self._rows)
-            w = torch.tensor(self._weights, dtype=x.dtype)
-            self._rows = []  # free the buffer before the step
-            agg = self.rule(x, w)
+            if self._rows:
+                x = torch.stack(self._rows)
+                w = torch.tensor(self._weights, dtype=x.dtype)
+                self._rows = []  # free the buffer before the step
+                agg = self.rule(x, w)
         finally:
             self._global = None  # the round is closed; the next one needs start()
-        xs, delta, offset = OrderedDict(), OrderedDict(), 0
-        for k in self._float_keys:
-            dt = torch.float64 if g[k].dtype == torch.float64 else torch.float32
-            numel = g[k].numel()
-            xs[k] = g[k].detach().to(dt)
-            delta[k] = agg[offset : offset + numel].reshape(g[k].shape).to(device=g[k].device, dtype=dt)
-            offset += numel
-        new = self.optimizer.step(xs, delta)
-        return OrderedDict((k, new[k].to(v.dtype) if k in new else v.detach().clone()) for k, v in g.items())
+        if agg is not None:
+            delta, offset = OrderedDict(), 0
+            for k in self._float_keys:
+                dt = torch.float64 if g[k].dtype == torch.float64 else torch.float32
+                numel = g[k].numel()
+                delta[k] = agg[offset : offset + numel].reshape(g[k].shape).to(device=g[k].device, dtype=dt)
+                offset += numel
+            self.inner.add(Update(client_id=-1, delta=delta, num_examples=1))
+        return self.inner.finish()
 
     def flatten(self, tensors: Mapping[str, torch.Tensor], what: str = "delta") -> torch.Tensor:
         """The float entries of ``tensors`` (global-state order) as one flat vector."""
@@ -311,8 +340,8 @@ class FLTrustFold(RobustFold):
     buffered update (row order of ``client_ids``).
     """
 
-    def __init__(self, server_update: ServerUpdate, optimizer: ServerOptimizer | None = None) -> None:
-        super().__init__(self._aggregate, optimizer, "uniform", "fltrust")
+    def __init__(self, server_update: ServerUpdate, inner: ServerFold | ServerOptimizer | None = None) -> None:
+        super().__init__(self._aggregate, inner, "uniform", "fltrust")
         self.server_update = server_update
         self.last_trust: torch.Tensor | None = None
 
@@ -326,55 +355,154 @@ class FLTrustFold(RobustFold):
         return fltrust(x, g0)
 
 
-# -- registry -----------------------------------------------------------------
-ROBUST_RULES = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bound", "fltrust")
+# -- the registered rules ---------------------------------------------------------
+class RuleOptions(BaseModel):
+    """Base of a robust rule's own options (``robust.<option>`` in the config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrimmedMeanOptions(RuleOptions):
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)  # β, dropped at each end per coordinate
+
+
+class MultiKrumOptions(RuleOptions):
+    multi_krum_m: int | None = Field(None, ge=1)  # None: n − f
+
+
+class NormBoundOptions(RuleOptions):
+    norm_bound: float = Field(1.0, gt=0)  # M
+
+
+class FLTrustOptions(RuleOptions):
+    # the server's clean root dataset, carved out of the global holdout before the test set is fixed
+    root_examples: int = Field(100, ge=1)
+
+
+class RobustRule:
+    """A registered robust rule: its cohort requirement and how it wraps the algorithm's fold.
+
+    Subclasses implement :meth:`rule` (``options`` is the entry's options
+    instance, ``f`` the number of attackers tolerated) or override :meth:`wrap`.
+    """
+
+    def requirement(self, n: int, f: int) -> str | None:
+        """The bound on the round's number of updates ``n`` that ``f`` attackers violate, or None."""
+        return None
+
+    def rule(self, options, f: int) -> Rule:
+        raise NotImplementedError
+
+    def wrap(self, name: str, inner: ServerFold, options, *, num_byzantine: int,
+             server_update: ServerUpdate | None, weighting: Weighting) -> ServerFold:
+        return RobustFold(self.rule(options, num_byzantine), inner, weighting, name)
+
+
+@ROBUST_RULES.register("mean", summary="no robust rule: the algorithm's own fold")
+class MeanRule(RobustRule):
+    def wrap(self, name, inner, options, *, num_byzantine, server_update, weighting) -> ServerFold:
+        return inner
+
+
+@ROBUST_RULES.register("median", capabilities={NEEDS_ALL_UPDATES},
+                       summary="coordinate-wise median (Yin et al. 2018)")
+class MedianRule(RobustRule):
+    def rule(self, options, f):
+        return lambda x, w: coordinate_median(x)
+
+
+@ROBUST_RULES.register("trimmed_mean", config=TrimmedMeanOptions, capabilities={NEEDS_ALL_UPDATES},
+                       summary="coordinate-wise β-trimmed mean (Yin et al. 2018)")
+class TrimmedMeanRule(RobustRule):
+    def rule(self, options, f):
+        beta = options.trim_fraction
+        return lambda x, w: trimmed_mean(x, beta)
+
+
+@ROBUST_RULES.register("krum", capabilities={NEEDS_ALL_UPDATES}, summary="Krum (Blanchard et al. 2017)")
+class KrumRule(RobustRule):
+    def requirement(self, n, f):
+        return krum_requirement(n, f)
+
+    def rule(self, options, f):
+        return lambda x, w: krum(x, f)
+
+
+@ROBUST_RULES.register("multi_krum", config=MultiKrumOptions, capabilities={NEEDS_ALL_UPDATES},
+                       summary="Multi-Krum (Blanchard et al. 2017): mean of the m best-scored updates")
+class MultiKrumRule(KrumRule):
+    def rule(self, options, f):
+        m = options.multi_krum_m
+        return lambda x, w: multi_krum(x, f, m)
+
+
+@ROBUST_RULES.register("bulyan", capabilities={NEEDS_ALL_UPDATES},
+                       summary="Bulyan over Krum (El Mhamdi et al. 2018)")
+class BulyanRule(RobustRule):
+    def requirement(self, n, f):
+        return bulyan_requirement(n, f)
+
+    def rule(self, options, f):
+        return lambda x, w: bulyan(x, f)
+
+
+@ROBUST_RULES.register("norm_bound", config=NormBoundOptions, capabilities={NEEDS_ALL_UPDATES},
+                       summary="norm bounding (Sun et al. 2019): clip each update to M, weighted mean")
+class NormBoundRule(RobustRule):
+    def rule(self, options, f):
+        bound = float(options.norm_bound)
+        return lambda x, w: norm_bounded_mean(x, w, bound)
+
+
+@ROBUST_RULES.register("fltrust", config=FLTrustOptions, capabilities={NEEDS_ALL_UPDATES, NEEDS_ROOT_DATA},
+                       summary="FLTrust (Cao et al. 2021): trust from the server's root-data update")
+class FLTrustRule(RobustRule):
+    def wrap(self, name, inner, options, *, num_byzantine, server_update, weighting) -> ServerFold:
+        if server_update is None:
+            raise FedfmError("robust rule 'fltrust' needs a server_update callable (the server's root-data update)")
+        return FLTrustFold(server_update, inner)
+
+
+def rule_options(name: str, options: dict):
+    """Robust rule ``name``'s options validated from ``options``; a one-line FedfmError for a bad one."""
+    entry = ROBUST_RULES.get(name)
+    declared = entry.config.model_fields if entry.config is not None else {}
+    unknown = [k for k in options if k not in declared]
+    if unknown:
+        raise FedfmError(f"robust rule {name!r} has no option {unknown[0]!r} (its options: {', '.join(declared) or 'none'})")
+    if entry.config is None:
+        return None
+    try:
+        return entry.config.model_validate(options)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise FedfmError(f"robust.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})") from None
 
 
 def build_robust_fold(
     name: str,
-    optimizer: ServerOptimizer | None = None,
+    inner: ServerFold | ServerOptimizer | None = None,
     *,
     num_byzantine: int = 0,
-    trim_fraction: float = 0.1,
-    multi_krum_m: int | None = None,
-    norm_bound: float | None = None,
     server_update: ServerUpdate | None = None,
     weighting: Weighting = "uniform",
-) -> RobustFold:
-    """The robust fold called ``name`` (one of :data:`ROBUST_RULES`).
+    **options,
+) -> ServerFold:
+    """The robust rule called ``name`` wrapped around the algorithm's fold ``inner``.
 
-    ``num_byzantine`` is ``f`` for Krum/Multi-Krum/Bulyan; ``trim_fraction``
-    is β per side for the trimmed mean; ``multi_krum_m`` defaults to
-    ``n − f``; ``norm_bound`` (``M``) is required for ``norm_bound``;
-    ``server_update(global_state, version) -> delta`` (the server's update
-    on its root data) is required for ``fltrust``. ``weighting`` only matters
-    for ``norm_bound`` (the other rules ignore weights).
+    ``inner`` is the algorithm's fold (a
+    :class:`~fedfm.algorithms.fedopt.ServerOptimizer` stands for FedAvg's fold
+    with it; None for plain FedAvg). ``num_byzantine`` is ``f`` for
+    Krum/Multi-Krum/Bulyan; ``options`` are the rule's own
+    (``trim_fraction``, ``multi_krum_m``, ``norm_bound``, ``root_examples``:
+    see each rule's options class), validated with their defaults;
+    ``server_update(global_state, version) -> delta`` (the server's update on
+    its root data) is required for ``fltrust``. ``weighting`` only matters for
+    ``norm_bound`` (the other rules ignore weights). ``mean`` returns ``inner``.
     """
     if num_byzantine < 0:
         raise FedfmError(f"robust.num_byzantine must be >= 0, got {num_byzantine}")
-    f = int(num_byzantine)
-    if name == "median":
-        rule: Rule = lambda x, w: coordinate_median(x)
-    elif name == "trimmed_mean":
-        trim_count(10, trim_fraction)  # validates the fraction now
-        rule = lambda x, w: trimmed_mean(x, trim_fraction)
-    elif name == "krum":
-        rule = lambda x, w: krum(x, f)
-    elif name == "multi_krum":
-        if multi_krum_m is not None and multi_krum_m < 1:
-            raise FedfmError(f"robust.multi_krum_m must be >= 1, got {multi_krum_m}")
-        rule = lambda x, w: multi_krum(x, f, multi_krum_m)
-    elif name == "bulyan":
-        rule = lambda x, w: bulyan(x, f)
-    elif name == "norm_bound":
-        if norm_bound is None or not norm_bound > 0:
-            raise FedfmError(f"robust rule 'norm_bound' needs robust.norm_bound > 0, got {norm_bound}")
-        bound = float(norm_bound)
-        rule = lambda x, w: norm_bounded_mean(x, w, bound)
-    elif name == "fltrust":
-        if server_update is None:
-            raise FedfmError("robust rule 'fltrust' needs a server_update callable (the server's root-data update)")
-        return FLTrustFold(server_update, optimizer)
-    else:
-        raise FedfmError(f"unknown robust aggregation rule {name!r}; choose one of: {', '.join(ROBUST_RULES)}")
-    return RobustFold(rule, optimizer, weighting, name)
+    entry = ROBUST_RULES.get(name)
+    opts = rule_options(name, options)
+    return entry.obj().wrap(name, as_fold(inner), opts, num_byzantine=int(num_byzantine),
+                            server_update=server_update, weighting=weighting)

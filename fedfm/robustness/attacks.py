@@ -24,8 +24,13 @@ Data poisoning — applied to a malicious client's local data before training
 :func:`add_trigger` (text backdoor), :func:`backdoor_pick` (which rows get the
 trigger) and the metric :func:`backdoor_success_rate`. The ``backdoor`` attack
 is Bagdasaryan et al.'s: train on a mix of clean and triggered rows, then
-boost the delta by ``γ`` (:func:`model_replacement`). :func:`choose_malicious` picks the attackers
-and :class:`Attack` / :func:`apply_model_attack` dispatch by config name.
+boost the delta by ``γ`` (:func:`model_replacement`). :func:`choose_malicious` picks the attackers.
+
+Every attack registers itself in :data:`fedfm.registry.ATTACKS` (bottom of
+this module) with its own options class and its capabilities
+(``MODEL_POISONING``, ``COLLUDING``, ``POISONS_DATA``, ``FLIPS_LABELS``,
+``TRIGGERS``, ``BOOSTS``); :class:`Attack` is the configured attack of a run
+and asks its entry, never its name.
 """
 
 from __future__ import annotations
@@ -33,14 +38,24 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedfm.errors import FedfmError
+from fedfm.registry import (
+    ATTACKS,
+    BOOSTS,
+    COLLUDING,
+    FLIPS_LABELS,
+    MODEL_POISONING,
+    POISONS_DATA,
+    TRIGGERS,
+    Entry,
+)
 
 Delta = Mapping[str, torch.Tensor]
 
@@ -218,100 +233,66 @@ def choose_malicious(num_clients: int, fraction: float, seed: int = 0) -> list[i
     return sorted(random.Random(seed).sample(range(num_clients), k))
 
 
-MODEL_ATTACKS = ("none", "sign_flip", "gaussian", "model_replacement", "alie", "ipm")
-DATA_ATTACKS = ("label_flip", "backdoor")
-
-
-def apply_model_attack(
-    name: str,
-    delta: Delta,
-    benign_deltas: Sequence[Delta] = (),
-    *,
-    scale: float = 1.0,
-    sigma: float = 1.0,
-    epsilon: float = 0.1,
-    num_clients: int | None = None,
-    num_byzantine: int = 0,
-    server_lr: float = 1.0,
-    z: float | None = None,
-    generator: torch.Generator | None = None,
-):
-    """The malicious delta for attack ``name`` (one of :data:`MODEL_ATTACKS`).
-
-    ``delta`` is the attacker's own honestly trained delta (for
-    ``model_replacement``: trained on backdoored data); ``benign_deltas`` are
-    the honest deltas of the round (needed by ``alie`` and ``ipm``).
-    ``scale`` is ``s`` for ``sign_flip``; ``model_replacement`` boosts by
-    ``γ = num_clients / server_lr``, or by ``scale`` when ``num_clients`` is None.
-    """
-    if name == "none":
-        return _map(delta, lambda k, t: t)
-    if name == "sign_flip":
-        return sign_flip(delta, scale)
-    if name == "gaussian":
-        return gaussian_noise(delta, sigma, generator)
-    if name == "model_replacement":
-        if num_clients is None:
-            return model_replacement(delta, 1, factor=scale)
-        return model_replacement(delta, num_clients, server_lr)
-    if name == "alie":
-        return alie(benign_deltas, num_byzantine, num_clients, z)
-    if name == "ipm":
-        return ipm(benign_deltas, epsilon)
-    raise FedfmError(f"unknown model attack {name!r}; choose one of: {', '.join(MODEL_ATTACKS)}")
-
-
-@dataclass
 class Attack:
     """Config-driven attack: which clients are malicious and what they send.
 
-    ``name`` is a model attack (:data:`MODEL_ATTACKS`) or a data attack
-    (:data:`DATA_ATTACKS`). A data attacker trains honestly on poisoned data
-    (set up once by :mod:`fedfm.robustness.poison`); :meth:`apply` then
-    returns its delta unchanged for ``label_flip`` and boosted by ``γ`` for
-    ``backdoor`` (Bagdasaryan et al.'s scaled model replacement).
+    ``name`` is a registered attack (:data:`fedfm.registry.ATTACKS`); its own
+    options (``scale``, ``sigma``, ``epsilon``, ``z``, ``flip_mode``,
+    ``flip_map``, ``poison_fraction``: see each attack's options class) are
+    keyword arguments, validated with their defaults and readable as
+    attributes; options another attack declares are accepted and ignored (a
+    run config keeps them when its attack changes). A data attacker trains
+    honestly on poisoned data (set up once by :mod:`fedfm.robustness.poison`);
+    :meth:`apply` then returns its delta unchanged for ``label_flip`` and
+    boosted by ``γ`` for ``backdoor`` (Bagdasaryan et al.'s scaled model
+    replacement).
 
     ``scale`` is the sign-flip factor (default 1) and the boost ``γ`` of
     ``model_replacement`` / ``backdoor`` (default ``n / η``: the round's
-    cohort size over ``server_lr``).
+    cohort size over ``server_lr``). ``target_label``, ``trigger`` and
+    ``trigger_position`` describe the backdoor trigger (also evaluated
+    without a backdoor attacker, ``eval.backdoor``).
     """
 
-    name: str = "none"
-    fraction: float = 0.0
-    seed: int = 0
-    scale: float | None = None
-    sigma: float = 1.0
-    epsilon: float = 0.1
-    z: float | None = None
-    target_label: int = 0  # backdoor: what triggered inputs should be classified as
-    trigger: str = "cf"
-    trigger_position: str = "start"
-    poison_fraction: float = 0.5  # backdoor: share of a malicious client's training rows that carry the trigger
-    flip_mode: str = "reverse"  # label_flip: y -> C - 1 - y ("reverse") or y + 1 mod C ("shift")
-    flip_map: Mapping[int, int] | None = None  # label_flip: an explicit mapping instead of flip_mode
-    server_lr: float = 1.0  # η in γ = n / η
+    def __init__(self, name: str = "none", fraction: float = 0.0, seed: int = 0, *, server_lr: float = 1.0,
+                 target_label: int = 0, trigger: str = "cf", trigger_position: str = "start", **options) -> None:
+        self.entry: Entry = ATTACKS.get(name)
+        self.name = name
+        if not 0 <= fraction <= 1:
+            raise FedfmError(f"attack.fraction must be in [0, 1], got {fraction}")
+        self.fraction, self.seed, self.server_lr = fraction, seed, server_lr  # η in γ = n / η
+        self.target_label, self.trigger, self.trigger_position = target_label, trigger, trigger_position
+        self.options = _options(self.entry, options)
 
-    def __post_init__(self) -> None:
-        if self.name not in MODEL_ATTACKS + DATA_ATTACKS:
-            raise FedfmError(
-                f"unknown attack {self.name!r}; choose one of: {', '.join(MODEL_ATTACKS + DATA_ATTACKS)}"
-            )
-        if not 0 <= self.fraction <= 1:
-            raise FedfmError(f"attack.fraction must be in [0, 1], got {self.fraction}")
-        if not 0 < self.poison_fraction <= 1:
-            raise FedfmError(f"attack.poison_fraction must be in (0, 1], got {self.poison_fraction}")
+    def __getattr__(self, key: str):
+        options = self.__dict__.get("options")
+        if options is not None and key in type(options).model_fields:
+            return getattr(options, key)
+        raise AttributeError(f"attack {self.__dict__.get('name')!r} has no option {key!r}")
+
+    def __repr__(self) -> str:
+        opts = self.options.model_dump() if self.options is not None else {}
+        return f"Attack({self.name!r}, fraction={self.fraction}, {opts})"
+
+    def supports(self, *capabilities: str) -> bool:
+        return self.entry.supports(*capabilities)
+
+    @property
+    def active(self) -> bool:
+        """True when malicious clients do anything (every attack but ``none``)."""
+        return self.supports(MODEL_POISONING) or self.supports(POISONS_DATA)
 
     @property
     def colluding(self) -> bool:
         """True when the malicious delta needs the benign deltas of the round."""
-        return self.name in ("alie", "ipm")
+        return self.supports(COLLUDING)
 
     @property
     def poisons_data(self) -> bool:
-        return self.name in DATA_ATTACKS
+        return self.supports(POISONS_DATA)
 
     def malicious(self, num_clients: int) -> list[int]:
-        return [] if self.name == "none" else choose_malicious(num_clients, self.fraction, self.seed)
+        return choose_malicious(num_clients, self.fraction, self.seed) if self.active else []
 
     def boost(self, num_clients: int | None, server_lr: float | None = None) -> float:
         """``γ`` for ``model_replacement`` / ``backdoor``: ``scale``, else ``n / η``."""
@@ -326,12 +307,144 @@ class Attack:
         ``num_clients`` is the round's cohort size ``n``; ``server_lr``
         defaults to the attack's own ``server_lr``.
         """
-        if self.name == "label_flip":
-            return _map(delta, lambda k, t: t)
-        if self.name in ("backdoor", "model_replacement"):
-            return model_replacement(delta, 1, factor=self.boost(num_clients, server_lr))
-        return apply_model_attack(
-            self.name, delta, benign_deltas, scale=1.0 if self.scale is None else self.scale, sigma=self.sigma,
-            epsilon=self.epsilon, num_clients=num_clients, num_byzantine=num_byzantine,
-            server_lr=self.server_lr if server_lr is None else server_lr, z=self.z, generator=generator,
+        return self.entry.obj(
+            self, delta, benign_deltas, num_clients=num_clients, num_byzantine=num_byzantine,
+            server_lr=self.server_lr if server_lr is None else server_lr, generator=generator,
         )
+
+
+def _options(entry: Entry, given: dict) -> BaseModel | None:
+    """``entry``'s options from ``given`` (defaults filled); other attacks' options are ignored."""
+    declared = entry.config.model_fields if entry.config is not None else {}
+    for key in given:
+        if key not in declared and not ATTACKS.option_owners(key):
+            raise FedfmError(f"attack {entry.name!r}: unknown option {key!r}")
+    if entry.config is None:
+        return None
+    try:
+        return entry.config.model_validate({k: v for k, v in given.items() if k in declared})
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise FedfmError(f"attack.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})") from None
+
+
+def apply_model_attack(
+    name: str,
+    delta: Delta,
+    benign_deltas: Sequence[Delta] = (),
+    *,
+    scale: float | None = None,
+    sigma: float = 1.0,
+    epsilon: float = 0.1,
+    num_clients: int | None = None,
+    num_byzantine: int = 0,
+    server_lr: float = 1.0,
+    z: float | None = None,
+    generator: torch.Generator | None = None,
+):
+    """The malicious delta for the registered attack ``name`` (:meth:`Attack.apply` in one call).
+
+    ``delta`` is the attacker's own honestly trained delta (for
+    ``model_replacement``: trained on backdoored data); ``benign_deltas`` are
+    the honest deltas of the round (needed by ``alie`` and ``ipm``).
+    ``scale`` is ``s`` for ``sign_flip`` (default 1); ``model_replacement``
+    boosts by ``scale``, else ``γ = num_clients / server_lr``.
+    """
+    entry = ATTACKS.get(name)
+    given = {"scale": scale, "sigma": sigma, "epsilon": epsilon, "z": z}
+    declared = entry.config.model_fields if entry.config is not None else {}
+    attack = Attack(name, server_lr=server_lr, **{k: v for k, v in given.items() if k in declared})
+    return attack.apply(delta, benign_deltas, num_clients=num_clients, num_byzantine=num_byzantine,
+                        generator=generator)
+
+
+# -- the registered attacks ----------------------------------------------------------
+# Each is ``(attack, delta, benign_deltas, *, num_clients, num_byzantine, server_lr, generator) -> delta``.
+class AttackOptions(BaseModel):
+    """Base of an attack's own options (``attack.<option>`` in the config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SignFlipOptions(AttackOptions):
+    scale: float | None = Field(None, gt=0)  # the factor s of −sΔ; None: 1
+
+
+class BoostOptions(AttackOptions):
+    scale: float | None = Field(None, gt=0)  # the boost γ; None: n / η (Bagdasaryan et al.)
+
+
+class GaussianOptions(AttackOptions):
+    sigma: float = Field(1.0, gt=0)  # std of the replacement noise
+
+
+class ALIEOptions(AttackOptions):
+    z: float | None = None  # None: the paper's z_max for the cohort
+
+
+class IPMOptions(AttackOptions):
+    epsilon: float = Field(0.1, gt=0)
+
+
+class LabelFlipOptions(AttackOptions):
+    flip_mode: Literal["reverse", "shift"] = "reverse"  # y -> C-1-y, or y -> y+1 mod C
+    flip_map: dict[int, int] | None = None  # an explicit {from: to}, overrides flip_mode
+
+
+class BackdoorOptions(BoostOptions):
+    poison_fraction: float = Field(0.5, gt=0, le=1)  # share of an attacker's rows that get the trigger
+
+
+def _honest(delta: Delta) -> "OrderedDict[str, torch.Tensor]":
+    return _map(delta, lambda k, t: t)
+
+
+def _boosted(attack: Attack, delta: Delta, num_clients, server_lr) -> "OrderedDict[str, torch.Tensor]":
+    return model_replacement(delta, 1, factor=attack.boost(num_clients, server_lr))
+
+
+@ATTACKS.register("none", summary="no attackers")
+def _no_attack(attack, delta, benign, *, num_clients, num_byzantine, server_lr, generator):
+    return _honest(delta)
+
+
+@ATTACKS.register("sign_flip", config=SignFlipOptions, capabilities={MODEL_POISONING}, summary="Δ → −sΔ")
+def _sign_flip(attack, delta, benign, *, num_clients, num_byzantine, server_lr, generator):
+    return sign_flip(delta, 1.0 if attack.scale is None else attack.scale)
+
+
+@ATTACKS.register("gaussian", config=GaussianOptions, capabilities={MODEL_POISONING},
+                  summary="Δ replaced by N(0, σ²) noise")
+def _gaussian(attack, delta, benign, *, num_clients, num_byzantine, server_lr, generator):
+    return gaussian_noise(delta, attack.sigma, generator)
+
+
+@ATTACKS.register("model_replacement", config=BoostOptions, capabilities={MODEL_POISONING, BOOSTS},
+                  summary="scaled model replacement (Bagdasaryan et al. 2020): Δ → γΔ")
+def _model_replacement(attack, delta, benign, *, num_clients, num_byzantine, server_lr, generator):
+    return _boosted(attack, delta, num_clients, server_lr)
+
+
+@ATTACKS.register("alie", config=ALIEOptions, capabilities={MODEL_POISONING, COLLUDING},
+                  summary="A Little Is Enough (Baruch et al. 2019): μ − zσ of the honest deltas")
+def _alie(attack, delta, benign, *, num_clients, num_byzantine, server_lr, generator):
+    return alie(benign, num_byzantine, num_clients, attack.z)
+
+
+@ATTACKS.register("ipm", config=IPMOptions, capabilities={MODEL_POISONING, COLLUDING},
+                  summary="inner product manipulation (Xie et al. 2019): −ε · mean(honest)")
+def _ipm(attack, delta, benign, *, num_clients, num_byzantine, server_lr, generator):
+    return ipm(benign, attack.epsilon)
+
+
+@ATTACKS.register("label_flip", config=LabelFlipOptions, capabilities={POISONS_DATA, FLIPS_LABELS},
+                  summary="training on flipped labels (Fang et al. 2020)")
+def _label_flip(attack, delta, benign, *, num_clients, num_byzantine, server_lr, generator):
+    return _honest(delta)
+
+
+@ATTACKS.register("backdoor", config=BackdoorOptions,
+                  capabilities={POISONS_DATA, TRIGGERS, MODEL_POISONING, BOOSTS},
+                  summary="text backdoor with scaled model replacement (Bagdasaryan et al. 2020)")
+def _backdoor(attack, delta, benign, *, num_clients, num_byzantine, server_lr, generator):
+    return _boosted(attack, delta, num_clients, server_lr)

@@ -35,6 +35,7 @@ import torch
 
 from fedfm.data.encode import Encoded, concat, encode
 from fedfm.errors import FedfmError
+from fedfm.registry import FLIPS_LABELS, TRIGGERS
 from fedfm.robustness.attacks import Attack, add_trigger, backdoor_pick, flip_labels
 
 
@@ -56,9 +57,9 @@ def check_poisoning(attack: Attack, task: str, num_classes: int | None, eval_bac
         return
     if task != "seq_cls" or num_classes is None:
         raise FedfmError(f"{' and '.join(wants)} needs a classification task (model.task=seq_cls), not {task}")
-    if (attack.name == "backdoor" or eval_backdoor) and not 0 <= attack.target_label < num_classes:
+    if (attack.supports(TRIGGERS) or eval_backdoor) and not 0 <= attack.target_label < num_classes:
         raise FedfmError(f"attack.target_label={attack.target_label} is not a class of this dataset (0..{num_classes - 1})")
-    if attack.name == "label_flip":
+    if attack.supports(FLIPS_LABELS):
         try:
             flip_labels([0], num_classes, attack.flip_mode, attack.flip_map)
         except ValueError as err:
@@ -89,7 +90,7 @@ def prepare_poisoning(
     n0 = len(enc)
     extra: list[Encoded] = []
     poisoned: dict[int, int] = {}
-    if attack.name == "label_flip":
+    if attack.supports(FLIPS_LABELS):
         for cid in malicious:
             c = clients[cid]
             rows = torch.as_tensor(np.asarray(c.train_idx, dtype=np.int64))
@@ -104,7 +105,7 @@ def prepare_poisoning(
             poisoned[cid] = len(rows)
     trig_texts: list[str] = []
     trig_labels: list[int] = []
-    if attack.name == "backdoor":
+    if attack.supports(TRIGGERS):
         start = n0 + sum(len(e) for e in extra)
         for cid in malicious:
             c = clients[cid]
@@ -119,7 +120,7 @@ def prepare_poisoning(
             c.train_idx = np.concatenate([rows[keep], new])
             poisoned[cid] = len(pick)
     backdoor_rows = None
-    if attack.name == "backdoor" or eval_backdoor:
+    if attack.supports(TRIGGERS) or eval_backdoor:
         test = np.asarray(test_idx, dtype=np.int64)
         test = test[labels[test].numpy() != attack.target_label]
         first = n0 + sum(len(e) for e in extra) + len(trig_texts)

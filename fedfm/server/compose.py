@@ -25,6 +25,7 @@ from fedfm.privacy.dp_sgd import (
     default_delta,
     sampling_rate_for,
 )
+from fedfm.registry import ALGORITHMS, MEAN_DELTA, NEEDS_ALL_UPDATES, NEEDS_ROOT_DATA, ROBUST_RULES, SECURE_SUM
 from fedfm.robustness.aggregators import ServerUpdate, build_robust_fold, cohort_requirement
 from fedfm.client.data import Client
 from fedfm.client.trainer import LocalTrainer
@@ -109,31 +110,34 @@ def wrap_robust(cfg: RunConfig, algorithm: Algorithm, trainer=None, root_client=
     """Wrap the algorithm's fold in the configured robust rule (``robust.rule``; ``mean``: as it is)."""
     dp = cfg.privacy.client_dp
     rb = cfg.robust
-    if rb.rule != "mean":
+    rule = ROBUST_RULES.get(rb.rule)  # a robust rule wraps the algorithm's fold ("mean": no wrapper)
+    if rule.supports(NEEDS_ALL_UPDATES):
         if dp.enabled:
             raise FedfmError(f"robust.rule={rb.rule} and privacy.client_dp cannot be combined yet")
-        if not hasattr(algorithm.fold, "optimizer") or cfg.algorithm.name == "scaffold":
-            raise FedfmError(f"robust.rule={rb.rule} needs a FedAvg-family algorithm, not {cfg.algorithm.name}")
+        if not algorithm.supports(MEAN_DELTA):
+            raise FedfmError(
+                f"robust.rule={rb.rule} needs an algorithm whose server step takes one mean delta "
+                f"({', '.join(ALGORITHMS.names(MEAN_DELTA))}), not {cfg.algorithm.name}"
+            )
         n, f = cfg.federation.clients_per_round, rb.num_byzantine
         need = cohort_requirement(rb.rule, n, f)
         if need:
             raise FedfmError(
                 f"robust.rule={rb.rule} needs {need} clients per round; got n={n}, f={f} (robust.num_byzantine)"
             )
-        server_update = None
-        if rb.rule == "fltrust":
-            if trainer is None or root_client is None:
-                raise FedfmError("robust.rule=fltrust needs the server's root dataset (robust.root_examples)")
-            server_update = root_update(trainer, algorithm, root_client)
-        algorithm.fold = build_robust_fold(
-            rb.rule,
-            algorithm.fold.optimizer,
-            num_byzantine=rb.num_byzantine,
-            trim_fraction=rb.trim_fraction,
-            multi_krum_m=rb.multi_krum_m,
-            norm_bound=rb.norm_bound,
-            server_update=server_update,
-        )
+    server_update = None
+    if rule.supports(NEEDS_ROOT_DATA):
+        if trainer is None or root_client is None:
+            raise FedfmError(f"robust.rule={rb.rule} needs the server's root dataset (robust.root_examples)")
+        server_update = root_update(trainer, algorithm, root_client)
+    options = rule.options(rb)
+    algorithm.fold = build_robust_fold(
+        rb.rule,
+        algorithm.fold,
+        num_byzantine=rb.num_byzantine,
+        server_update=server_update,
+        **(options.model_dump() if options is not None else {}),
+    )
 
 
 def wrap_client_dp(cfg: RunConfig, algorithm: Algorithm, num_clients: int) -> Privacy | None:
@@ -168,12 +172,15 @@ def check_secure_aggregation(cfg: RunConfig) -> None:
     if not sa.enabled:
         return
     n = cfg.federation.clients_per_round
-    if cfg.robust.rule != "mean":
+    if ROBUST_RULES.supports(cfg.robust.rule, NEEDS_ALL_UPDATES):
         raise FedfmError(
             f"robust.rule={cfg.robust.rule} needs every update, but secure aggregation shows the server only the sum"
         )
-    if cfg.algorithm.name == "scaffold":
-        raise FedfmError("secure aggregation supports the FedAvg family (fedavg, fedprox, fedopt variants), not scaffold")
+    if not ALGORITHMS.supports(cfg.algorithm.name, SECURE_SUM):
+        raise FedfmError(
+            f"secure aggregation supports the algorithms whose fold sums securely "
+            f"({', '.join(ALGORITHMS.names(SECURE_SUM))}), not {cfg.algorithm.name}"
+        )
     if n < 3:
         raise FedfmError(f"secure aggregation needs at least 3 clients per round (a sum of {n} reveals too much)")
     k = n - 1 if sa.neighbours is None else min(sa.neighbours, n - 1)
