@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,12 +42,14 @@ EXAMPLES = {
 
 
 def run_one(name: str) -> dict:
-    import fedfm
+    """Run one example in a process of its own (``fedfm run``), like a user would."""
     from safetensors.torch import load_file
 
     path, extra = EXAMPLES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        summary = fedfm.run(str(ROOT / path), [*SHRINK, *extra, f"out={tmp}/run"])
+        cmd = [sys.executable, "-m", "fedfm", "run", str(ROOT / path), *SHRINK, *extra, f"out={tmp}/run"]
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
         state = load_file(Path(tmp) / "run" / "final_state.safetensors")
     keys = ("final_accuracy", "final_version", "bytes_up_total", "bytes_down_total", "rejected_updates")
     return {"sha256": state_digest(state), **{k: summary.get(k) for k in keys}}

@@ -86,7 +86,29 @@ class ClientHook:
 
 
 class ServerFold:
-    """Streaming server aggregation: ``start``, ``add`` per update, ``finish``."""
+    """Streaming server aggregation: ``start``, ``add`` per update, ``finish``.
+
+    The whole surface a runtime may use, in groups; a fold implements the
+    first group and whichever of the others its capabilities
+    (:mod:`fedfm.registry`) promise:
+
+    * the fold: :meth:`start`, :meth:`add` (raises ``ValueError`` for an update it
+      cannot take: the server rejects it and the round goes on), :meth:`finish`;
+    * its state across rounds, for checkpoints: :meth:`state_dict` /
+      :meth:`load_state_dict` (optimizer moments, control variates, counters);
+      :meth:`round_stats`, the last round's statistics for the metrics log;
+    * ``MERGEABLE`` (shares of a cohort folded in several worker processes):
+      ``partial() -> (float64 sums, scalars)`` and ``merge(summed sums, every worker's scalars)``;
+    * ``SECURE_SUM`` (the fold sees only the cohort's masked sum):
+      ``summand(update, max_weight)``, ``summand_layout(clip_range)``,
+      ``absorb_sum(tensors, scalars, count)``.
+
+    A fold that wraps another (a robust rule, client-level DP) keeps it in
+    ``inner`` and hands it its aggregate as one update, so the algorithm's own
+    server step runs unchanged.
+    """
+
+    inner: "ServerFold | None" = None
 
     def start(self, global_state: Mapping[str, torch.Tensor], version: int = 0) -> None:
         raise NotImplementedError
@@ -96,6 +118,17 @@ class ServerFold:
 
     def finish(self) -> "OrderedDict[str, torch.Tensor]":
         raise NotImplementedError
+
+    def state_dict(self, tensors: dict, orders: dict) -> dict:
+        """Cross-round state: tensors into ``tensors`` (group key orders into ``orders``), the rest as JSON."""
+        return {}
+
+    def load_state_dict(self, meta: dict, tensors: Mapping[str, torch.Tensor], orders: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+    def round_stats(self) -> dict:
+        """The last finished round's statistics, as metrics-log entries (e.g. clipping, trust scores)."""
+        return {}
 
 
 class Algorithm:

@@ -168,6 +168,25 @@ class MeanDeltaFold(ServerFold):
             (k, new[k].to(v.dtype) if k in new else v.detach().clone()) for k, v in g.items()
         )
 
+    # -- state across rounds (checkpoints) ------------------------------------
+    def state_dict(self, tensors: dict, orders: dict) -> dict:
+        """The server optimizer's moments (``server_opt/<slot>/<name>``) and their layout."""
+        opt = self.optimizer
+        meta = {"optimizer": type(opt).__name__, "names": list(opt.state.keys()), "slots": {}}
+        for name, slot in opt.state.items():
+            meta["slots"][name] = list(slot.keys())
+            for k, t in slot.items():
+                tensors[f"server_opt/{k}/{name}"] = t.detach().to("cpu").contiguous().clone()
+        return meta
+
+    def load_state_dict(self, meta: dict, tensors: Mapping[str, torch.Tensor], orders: dict) -> None:
+        if meta["optimizer"] != type(self.optimizer).__name__:
+            raise ValueError(f"state of a {meta['optimizer']} server optimizer, this fold has a "
+                             f"{type(self.optimizer).__name__}")
+        self.optimizer.state.clear()
+        for name in meta["names"]:
+            self.optimizer.state[name] = {k: tensors[f"server_opt/{k}/{name}"] for k in meta["slots"][name]}
+
     # -- helpers ------------------------------------------------------------
     def _require_started(self) -> Mapping[str, torch.Tensor]:
         if self._global is None:

@@ -133,6 +133,20 @@ class ScaffoldFold(MeanDeltaFold):
     def start(self, global_state: Mapping[str, torch.Tensor], version: int = 0) -> None:
         super().start(global_state, version)
         self.ensure_control(global_state)
+
+    def state_dict(self, tensors: dict, orders: dict) -> dict:
+        """The server optimizer's moments and the server control variate ``c`` (group ``scaffold_c``)."""
+        meta = super().state_dict(tensors, orders)
+        if self.control is not None:
+            orders["scaffold_c"] = list(self.control)
+            for k, t in self.control.items():
+                tensors[f"scaffold_c/{k}"] = t.detach().to("cpu").contiguous().clone()
+        return meta
+
+    def load_state_dict(self, meta: dict, tensors: Mapping[str, torch.Tensor], orders: dict) -> None:
+        super().load_state_dict(meta, tensors, orders)
+        if "scaffold_c" in orders:
+            self.control = OrderedDict((k, tensors[f"scaffold_c/{k}"]) for k in orders["scaffold_c"])
         self._dc = RunningWeightedMean()
 
     def add(self, update: Update) -> bool:

@@ -312,8 +312,8 @@ class ClientDPFold(ServerFold):
         return self._count
 
     def round_stats(self) -> dict:
-        """The last round's clipping and noise statistics."""
-        return self.last_round
+        """The last round's clipping and noise statistics (``dp_*`` in the metrics log)."""
+        return {f"dp_{k}": v for k, v in self.last_round.items() if isinstance(v, (int, float))}
 
     def _require_started(self) -> Mapping[str, torch.Tensor]:
         if self._global is None:
@@ -329,11 +329,11 @@ class ClientDPFold(ServerFold):
         gen.manual_seed(secrets.randbits(63) if self.secure else _round_seed(self.seed, self.rounds))
         return gen
 
-    def state_dict(self) -> dict:
-        """JSON-able fold state for resuming (server-optimizer moments are kept elsewhere)."""
+    def state_dict(self, tensors: dict | None = None, orders: dict | None = None) -> dict:
+        """The noise-stream index and the (adaptive) clip norm; the wrapped fold keeps its own state."""
         return {"clip_norm": self.clip_norm, "rounds": self.rounds}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, tensors=None, orders=None) -> None:
         self.clip_norm = float(state["clip_norm"])
         self.rounds = int(state["rounds"])
 

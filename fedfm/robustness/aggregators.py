@@ -349,6 +349,12 @@ class FLTrustFold(RobustFold):
         super().start(global_state, version)
         self.last_trust = None
 
+    def round_stats(self) -> dict:
+        """The trust score of every client folded in the last round (``fltrust_trust``)."""
+        if self.last_trust is None:
+            return {}
+        return {"fltrust_trust": {str(c): round(float(t), 4) for c, t in zip(self.client_ids, self.last_trust)}}
+
     def _aggregate(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         g0 = self.flatten(self.server_update(self._require_started(), self.version), "server update")
         self.last_trust = fltrust_scores(x, g0.to(x.dtype))

@@ -152,7 +152,10 @@ class Server:
             reason = self._weigh_by_staleness(update)
         if reason is not None:
             return self.reject(sender, reason)
-        self.algorithm.add(update)
+        try:
+            self.algorithm.add(update)
+        except ValueError as err:  # the fold cannot take it (e.g. FedNova without a valid step count)
+            return self.reject(sender, str(err))
         return True
 
     def discard(self, payload: bytes, sender: int, reason: str) -> bool:
@@ -207,8 +210,10 @@ class Server:
             if self.asynchronous is not None:
                 record.update(self._staleness_record())
         if self.privacy is not None:
-            record.update(self.privacy.record(self.algorithm.fold))
-        return {**record, **robust_record(self.algorithm.fold), **self.ledger.snapshot()}
+            record.update(self.privacy.record())
+        for fold in folds(self.algorithm.fold):  # the DP fold's clipping, FLTrust's trust scores ...
+            record.update(fold.round_stats())
+        return {**record, **self.ledger.snapshot()}
 
     # -- checks and transforms of one update --------------------------------------------
     def _problem(self, update: Update, sender: int) -> str | None:
@@ -300,9 +305,8 @@ class Server:
         server_state.load(self, meta, tensors, orders)
 
 
-def robust_record(fold) -> dict:
-    """Per-round robustness metrics: FLTrust's trust score of every client folded this round."""
-    trust = getattr(fold, "last_trust", None)
-    if trust is None:
-        return {}
-    return {"fltrust_trust": {str(c): round(float(t), 4) for c, t in zip(fold.client_ids, trust)}}
+def folds(fold):
+    """The fold and every fold it wraps, outermost first."""
+    while fold is not None:
+        yield fold
+        fold = fold.inner

@@ -69,39 +69,19 @@ def load(server, meta: dict, tensors: Mapping[str, torch.Tensor], orders: dict) 
 
 
 def _fold_state(fold, tensors: dict, orders: dict) -> dict:
-    """The fold's cross-round state: optimizer moments, SCAFFOLD's c, the DP fold's counters.
-
-    A wrapper (client-level DP, a robust rule) keeps its own counters and the state of the fold it wraps.
-    """
-    meta: dict = {"fold": type(fold).__name__}
-    if getattr(fold, "inner", None) is not None:
+    """The fold's own cross-round state (:meth:`ServerFold.state_dict`), then that of the fold it wraps."""
+    meta: dict = {"fold": type(fold).__name__, "state": fold.state_dict(tensors, orders)}
+    if fold.inner is not None:
         meta["inner"] = _fold_state(fold.inner, tensors, orders)
-    opt = getattr(fold, "optimizer", None)
-    if opt is not None:
-        meta["optimizer"] = {"type": type(opt).__name__, "names": list(opt.state.keys()), "slots": {}}
-        for name, slot in opt.state.items():
-            meta["optimizer"]["slots"][name] = list(slot.keys())
-            for s, t in slot.items():
-                tensors[f"server_opt/{s}/{name}"] = t.detach().to("cpu").contiguous().clone()
-    control = getattr(fold, "control", None)
-    if control is not None:
-        put_group(tensors, orders, "scaffold_c", control)
-    if hasattr(fold, "state_dict"):
-        meta["state"] = fold.state_dict()
     return meta
 
 
 def _load_fold(fold, meta: dict, tensors, orders) -> None:
     if meta["fold"] != type(fold).__name__:
         raise FedfmError(f"checkpoint was written by a {meta['fold']} fold, this run builds a {type(fold).__name__}")
+    try:
+        fold.load_state_dict(meta["state"], tensors, orders)
+    except (KeyError, ValueError) as err:
+        raise FedfmError(f"checkpoint does not fit this run's {type(fold).__name__}: {err}") from None
     if "inner" in meta:
         _load_fold(fold.inner, meta["inner"], tensors, orders)
-    if "optimizer" in meta:
-        opt = fold.optimizer
-        opt.state.clear()
-        for name in meta["optimizer"]["names"]:
-            opt.state[name] = {s: tensors[f"server_opt/{s}/{name}"] for s in meta["optimizer"]["slots"][name]}
-    if "scaffold_c" in orders:
-        fold.control = get_group(tensors, orders, "scaffold_c")
-    if "state" in meta:
-        fold.load_state_dict(meta["state"])
