@@ -48,6 +48,7 @@ from fedfm.eval.report import write_json
 from fedfm.models import build_model, resolve_device
 from fedfm.models.state import get_state
 from fedfm.personalization import build_plan
+from fedfm.registry import NEEDS_ROOT_DATA, ROBUST_RULES, TRIGGERS
 from fedfm.robustness.attacks import Attack
 from fedfm.robustness.poison import check_poisoning, prepare_poisoning
 from fedfm.server.compose import build_dp_sgd, build_server
@@ -77,7 +78,7 @@ def split_holdout(cfg: RunConfig, ds) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """
     pool, test_idx = train_test_split(len(ds.texts), cfg.data.test_fraction, labels=ds.labels, seed=cfg.seed)
     root = np.zeros(0, dtype=np.int64)
-    if cfg.robust.rule == "fltrust":
+    if ROBUST_RULES.supports(cfg.robust.rule, NEEDS_ROOT_DATA):
         k = cfg.robust.root_examples
         if k >= len(test_idx):
             raise FedfmError(
@@ -175,7 +176,7 @@ def build_run(cfg: RunConfig) -> Run:
     device, out, t_start, ds = start_run(cfg)
     attack = Attack(**cfg.attack.model_dump(), seed=cfg.seed, server_lr=cfg.algorithm.server_lr)  # "none": no attackers
     num_labels = len(ds.label_names) if cfg.model.task == "seq_cls" else None
-    eval_backdoor = cfg.eval.backdoor or attack.name == "backdoor"
+    eval_backdoor = cfg.eval.backdoor or attack.supports(TRIGGERS)
     check_poisoning(attack, cfg.model.task, num_labels, eval_backdoor)
     holdout = split_holdout(cfg, ds)
     test_idx, clients, stats = build_clients(cfg, ds, holdout)
@@ -201,7 +202,7 @@ def build_run(cfg: RunConfig) -> Run:
     wire = Wire(cfg.compression, cfg.seed)
     server = build_server(cfg, len(clients), initial_state, wire=wire, rank_of=rank_of, trainer=trainer,
                           root_client=root_client)
-    simulated = SimulatedAttack(attack, len(clients), cfg.seed) if attack.name != "none" else None
+    simulated = SimulatedAttack(attack, len(clients), cfg.seed) if attack.active else None
     app = ClientApp(trainer, server.algorithm, wire, attack=simulated)
     sim = Simulation(server, app, clients, cfg.federation.clients_per_round, cfg.seed, fleet=fleet,
                      secure_dropout=cfg.privacy.secure_aggregation.dropout)

@@ -50,6 +50,8 @@ MEAN_DELTA = "mean_delta"  # the server step is a server-optimizer step on a wei
 #                            may compute that mean instead and hand it over
 PLAIN_CLIENT = "plain_client"  # no client hook: plain local training (batched clients can serve it)
 DELTA_ONLY = "delta_only"  # an update carries no extra tensors besides its delta (HetLoRA can pad it)
+SGD_SERVER_STEP = "sgd_server_step"  # the server step is FedAvg's x <- x + server_lr * mean delta, no
+#                                      server state: FedAsync may mix models in its place
 
 # Robust aggregation rules
 NEEDS_ALL_UPDATES = "needs_all_updates"  # buffers the round's updates (no secure sum, no worker split)

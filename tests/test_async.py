@@ -102,6 +102,8 @@ def test_an_async_run_learns_and_reports_staleness_and_virtual_time(tmp_path):
     ({"asynchronous.method": "fedasync", "algorithm.name": "fedavgm"}, "fedasync"),
     ({"asynchronous.concurrency": 50}, "exceeds"),
     ({"attack.name": "alie", "attack.fraction": 0.2}, "colludes"),
+    # not ASYNC_SAFE: a stale update's control-variate delta would corrupt the server's c
+    ({"algorithm.name": "scaffold"}, "cannot serve algorithm.name=scaffold"),
 ])
 def test_unsupported_async_combinations_fail_with_one_line(tmp_path, extra, message):
     with pytest.raises(FedfmError, match=message) as err:

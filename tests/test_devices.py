@@ -204,7 +204,7 @@ def test_the_server_zero_pads_small_rank_updates_before_the_mean(enc):
 
 # -- one-line errors ---------------------------------------------------------------------
 @pytest.mark.parametrize("extra, message", [
-    ({"devices.profiles": "[{name: a, share: 1, lora_rank: 2}]"}, "needs model.method=lora"),
+    ({"devices.profiles": "[{name: a, share: 1, lora_rank: 2}]"}, "needs a method with a rank \\(lora\\)"),
     ({"model.method": "lora", "model.lora.r": 2, "devices.profiles": "[{name: a, share: 1, lora_rank: 4}]"},
      "exceeds the global rank"),
     ({"model.method": "lora", "compression.upload": "[int8]", "devices.profiles": "[{name: a, share: 1, lora_rank: 4}]"},

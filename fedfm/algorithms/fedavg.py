@@ -41,6 +41,7 @@ from fedfm.registry import (
     MERGEABLE,
     PLAIN_CLIENT,
     SECURE_SUM,
+    SGD_SERVER_STEP,
 )
 
 Weighting = Literal["examples", "uniform"]
@@ -237,7 +238,7 @@ class FedAvg(Algorithm):
 
 
 # -- registered algorithms: FedAvg and FedAvg with another server optimizer (the FedOpt family) -------
-@ALGORITHMS.register("fedavg", capabilities=FEDAVG_CAPABILITIES,
+@ALGORITHMS.register("fedavg", capabilities=FEDAVG_CAPABILITIES | {SGD_SERVER_STEP},
                      summary="FedAvg (McMahan et al. 2017): weighted mean of client deltas, server SGD")
 def _fedavg(cfg, num_clients: int) -> FedAvg:
     return FedAvg(weighting=cfg.weighting, server_opt=ServerSGD(cfg.server_lr), name="fedavg")

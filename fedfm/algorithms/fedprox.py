@@ -16,7 +16,7 @@ from pydantic import Field
 from fedfm.algorithms.base import Algorithm, AlgorithmOptions, Broadcast, ClientHook
 from fedfm.algorithms.fedavg import FEDAVG_CAPABILITIES, MeanDeltaFold, Weighting
 from fedfm.algorithms.fedopt import ServerOptimizer, ServerSGD
-from fedfm.registry import ALGORITHMS, PLAIN_CLIENT
+from fedfm.registry import ALGORITHMS, PLAIN_CLIENT, SGD_SERVER_STEP
 
 
 class FedProxHook(ClientHook):
@@ -81,7 +81,7 @@ class FedProxOptions(AlgorithmOptions):
     mu: float = Field(0.01, ge=0)  # proximal strength
 
 
-@ALGORITHMS.register("fedprox", config=FedProxOptions, capabilities=FEDAVG_CAPABILITIES - {PLAIN_CLIENT},
+@ALGORITHMS.register("fedprox", config=FedProxOptions, capabilities=(FEDAVG_CAPABILITIES - {PLAIN_CLIENT}) | {SGD_SERVER_STEP},
                      summary="FedProx (Li et al. 2020): proximal term on the client, FedAvg's fold")
 def _fedprox(cfg, num_clients: int) -> FedProx:
     return FedProx(mu=cfg.mu, weighting=cfg.weighting, server_opt=ServerSGD(cfg.server_lr))

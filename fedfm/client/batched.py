@@ -32,6 +32,7 @@ from fedfm.data.encode import batch_indices, make_batch, steps_for
 from fedfm.errors import FedfmError
 from fedfm.client.data import Client
 from fedfm.client.trainer import LocalTrainer, make_optimizer, moved
+from fedfm.registry import ALGORITHMS, METHODS, PLAIN_CLIENT, VIRTUAL_TOKENS
 from fedfm.seeds import derive_seed
 
 
@@ -161,8 +162,8 @@ def check_batching(cfg) -> None:
     if cfg.train.batch_clients <= 1:
         return
     problems = {
-        "algorithm.name=" + cfg.algorithm.name: cfg.algorithm.name in ("fedprox", "scaffold"),
-        "model.method=" + cfg.model.method: cfg.model.method in ("prompt", "prefix"),
+        "algorithm.name=" + cfg.algorithm.name: not ALGORITHMS.supports(cfg.algorithm.name, PLAIN_CLIENT),
+        "model.method=" + cfg.model.method: METHODS.supports(cfg.model.method, VIRTUAL_TOKENS),
         "privacy.dp_sgd": cfg.privacy.dp_sgd.enabled,
         "personalization": cfg.personalization.method != "none",
         "heterogeneous LoRA ranks": any(p.lora_rank is not None for p in cfg.devices.profiles),

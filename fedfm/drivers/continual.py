@@ -57,6 +57,7 @@ from fedfm.eval.report import MetricsLog, write_json
 from fedfm.eval.summary import make_summary, state_metadata
 from fedfm.models.state import save_state, set_state_, state_to_bytes
 from fedfm.eval.progress import RunProgress
+from fedfm.registry import ATTACKS, NEEDS_ROOT_DATA, POISONS_DATA, ROBUST_RULES
 from fedfm.seeds import derive_seed
 from fedfm.server import checkpoint
 from fedfm.server.compose import build_algorithm_fold
@@ -67,14 +68,14 @@ ANCHOR_SENT = "continual_anchor_stage"  # client state: the stage whose anchor i
 
 def check_supported(cfg: RunConfig) -> None:
     """Refuse, in one line each, what the continual loop cannot serve (module docstring: why)."""
-    if cfg.attack.name in ("label_flip", "backdoor"):
+    if ATTACKS.supports(cfg.attack.name, POISONS_DATA):
         raise FedfmError(f"continual learning cannot simulate the data attack {cfg.attack.name!r}: "
                          "the stream replaces the clients' rows every stage")
     if cfg.privacy.client_dp.enabled or cfg.privacy.dp_sgd.enabled:
         raise FedfmError("continual learning cannot be combined with privacy.client_dp or privacy.dp_sgd: their "
                          "accountants assume a fixed number of rounds and fixed client data, which a stream changes")
-    if cfg.robust.rule == "fltrust":
-        raise FedfmError("continual learning cannot use robust.rule=fltrust (its root data has no stages)")
+    if ROBUST_RULES.supports(cfg.robust.rule, NEEDS_ROOT_DATA):
+        raise FedfmError(f"continual learning cannot use robust.rule={cfg.robust.rule} (its root data has no stages)")
     if cfg.personalization.method != "none":
         raise FedfmError("continual learning cannot be combined with personalization yet")
 

@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 
 from fedfm.config.schema import DeviceProfile, DevicesConfig
+from fedfm.registry import (ALGORITHMS, ASYNC_SAFE, ATTACKS, COLLUDING, DELTA_ONLY, METHODS, RANKED,
+                            SGD_SERVER_STEP)
 from fedfm.seeds import derive_seed
 
 log = logging.getLogger("fedfm")
@@ -130,12 +132,14 @@ def check_devices(cfg) -> None:
         raise FedfmError("devices.profiles and asynchronous training cannot be combined with continual learning yet")
     ranks = [p.lora_rank for p in d.profiles if p.lora_rank is not None]
     if ranks:
-        if cfg.model.method != "lora":
-            raise FedfmError(f"devices.profiles[].lora_rank needs model.method=lora, not {cfg.model.method!r}")
+        if not METHODS.supports(cfg.model.method, RANKED):
+            raise FedfmError(f"devices.profiles[].lora_rank needs a method with a rank "
+                             f"({', '.join(METHODS.names(RANKED))}), not {cfg.model.method!r}")
         if max(ranks) > cfg.model.lora.r:
             raise FedfmError(f"devices.profiles[].lora_rank={max(ranks)} exceeds the global rank model.lora.r={cfg.model.lora.r}")
         for what, on in (("compression.upload", bool(cfg.compression.upload)), ("secure aggregation", secure),
-                         ("algorithm.name=scaffold", cfg.algorithm.name == "scaffold"),
+                         (f"algorithm.name={cfg.algorithm.name} (its updates carry extra tensors)",
+                          not ALGORITHMS.supports(cfg.algorithm.name, DELTA_ONLY)),
                          ("personalization", cfg.personalization.method != "none")):
             if on:
                 raise FedfmError(f"heterogeneous LoRA ranks (devices.profiles[].lora_rank) cannot be combined with {what} yet")
@@ -148,9 +152,14 @@ def check_devices(cfg) -> None:
         raise FedfmError("asynchronous training cannot be combined with differential privacy or secure aggregation yet")
     if cfg.personalization.method != "none":
         raise FedfmError("asynchronous training cannot be combined with personalization yet")
-    if a.method == "fedasync" and (cfg.algorithm.name != "fedavg" or cfg.algorithm.server_lr != 1):
-        raise FedfmError("asynchronous.method=fedasync mixes models itself: use algorithm.name=fedavg with server_lr=1")
-    if cfg.attack.name in ("alie", "ipm"):
+    if not ALGORITHMS.supports(cfg.algorithm.name, ASYNC_SAFE):
+        raise FedfmError(f"asynchronous training cannot serve algorithm.name={cfg.algorithm.name}: "
+                         "stale updates would break its server state")
+    if a.method == "fedasync" and not (ALGORITHMS.supports(cfg.algorithm.name, SGD_SERVER_STEP)
+                                       and cfg.algorithm.server_lr == 1):
+        raise FedfmError("asynchronous.method=fedasync mixes models itself: use an algorithm with FedAvg's server "
+                         f"step ({', '.join(ALGORITHMS.names(SGD_SERVER_STEP))}) and server_lr=1")
+    if ATTACKS.supports(cfg.attack.name, COLLUDING):
         raise FedfmError(f"attack {cfg.attack.name!r} colludes within a round; asynchronous training has no rounds")
     if a.concurrency > cfg.federation.num_clients:
         raise FedfmError(f"asynchronous.concurrency={a.concurrency} exceeds federation.num_clients={cfg.federation.num_clients}")

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from fedfm.errors import FedfmError
+from fedfm.registry import ALGORITHMS, ATTACKS, COLLUDING, MERGEABLE, NEEDS_ALL_UPDATES, ROBUST_RULES
 
 log = logging.getLogger("fedfm")
 
@@ -75,10 +76,12 @@ def single_process_reason(cfg, device: torch.device | None = None) -> str | None
         return "secure aggregation"
     if cfg.privacy.dp_sgd.enabled:
         return "local DP-SGD (per-client accountants)"
-    if cfg.robust.rule != "mean":
+    if ROBUST_RULES.supports(cfg.robust.rule, NEEDS_ALL_UPDATES):
         return f"robust.rule={cfg.robust.rule} (needs every update in one place)"
-    if cfg.attack.name in ("alie", "ipm"):
+    if ATTACKS.supports(cfg.attack.name, COLLUDING):
         return f"attack {cfg.attack.name} (colludes over the round's benign updates)"
+    if not ALGORITHMS.supports(cfg.algorithm.name, MERGEABLE):
+        return f"algorithm.name={cfg.algorithm.name} (its fold cannot be split across processes)"
     return None
 
 

@@ -25,6 +25,7 @@ from fedfm.models.methods import wrap
 from fedfm.models.pooling import install_pooling
 from fedfm.models.registry import ENCODER_TYPES, head_modules, load_base_model, load_tokenizer, resolve
 from fedfm.models.state import load_state, set_state_
+from fedfm.registry import METHODS, VIRTUAL_TOKENS
 
 _ADAPTER = "default"  # peft's adapter name; dropped from the state names
 
@@ -107,7 +108,7 @@ def trainable_params(model: torch.nn.Module) -> "OrderedDict[str, torch.nn.Param
 
 
 def _check_length(cfg: ModelConfig, config) -> None:
-    virtual = cfg.prompt.num_virtual_tokens if cfg.method in ("prompt", "prefix") else 0
+    virtual = cfg.prompt.num_virtual_tokens if METHODS.supports(cfg.method, VIRTUAL_TOKENS) else 0
     limit = getattr(config, "max_position_embeddings", None)
     if limit and cfg.max_length + virtual > limit:
         extra = f" + {virtual} virtual tokens" if virtual else ""
@@ -121,7 +122,7 @@ def _uses_token_types(cfg: ModelConfig, model: torch.nn.Module) -> bool:
     drops them (prompt learning for causal_lm); a Llama with BERT's vocab does not."""
     if model.config.model_type not in ENCODER_TYPES:
         return False
-    return not (cfg.task == "causal_lm" and cfg.method in ("prompt", "prefix"))
+    return not (cfg.task == "causal_lm" and METHODS.supports(cfg.method, VIRTUAL_TOKENS))
 
 
 def assemble_model(

@@ -36,11 +36,11 @@ from fedfm.config.schema import ModelConfig
 from fedfm.errors import FedfmError
 from fedfm.models.assemble import assemble_model
 from fedfm.models.state import load_state
+from fedfm.registry import MERGES_INTO_BASE, METHODS, PEFT
 
 STATE_FILE = "final_state.safetensors"
 EXPORT_DIR = "export"
 MARKER = "fedfm_export.json"
-MERGEABLE = ("full", "lora", "ia3")
 MAX_CHAIN = 32  # a longer chain of start_from links is almost surely a cycle
 
 
@@ -110,7 +110,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """
     prev_cfg, state_file = earlier_run(run_dir)
     model_cfg = prev_cfg.model
-    if model_cfg.method not in MERGEABLE:
+    if not METHODS.supports(model_cfg.method, MERGES_INTO_BASE):
         raise FedfmError(
             f"the {model_cfg.method} run {run_dir} cannot be merged into a base model; "
             f"start from it with method={model_cfg.method} and task={model_cfg.task}"
@@ -130,7 +130,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fm = assemble_model(
         base.model_copy(update={"init_state": str(state_file)}), num_labels, seed=prev_cfg.seed, device="cpu"
     )
-    model = fm.model.merge_and_unload() if model_cfg.method in ("lora", "ia3") else fm.model
+    model = fm.model.merge_and_unload() if METHODS.supports(model_cfg.method, PEFT) else fm.model
     model.config.pad_token_id = fm.tokenizer.pad_token_id
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,8 @@ import torch
 
 from fedfm.errors import FedfmError
 from fedfm.models.registry import head_modules
+from fedfm.registry import (ALGORITHMS, ATTACKS, MODEL_POISONING, NEEDS_ALL_UPDATES, PLAIN_CLIENT, POISONS_DATA,
+                            ROBUST_RULES, SGD_SERVER_STEP)
 
 METHODS = ("none", "fedper", "fedrep", "ditto", "local")
 PERSONAL_STATE = "personal_state"  # the Client.state entry holding a client's personal tensors
@@ -124,9 +126,11 @@ def check_personalization(cfg) -> None:
         conflicts = [
             ("privacy.secure_aggregation", cfg.privacy.secure_aggregation.enabled),
             ("privacy.client_dp", cfg.privacy.client_dp.enabled),
-            (f"robust.rule={cfg.robust.rule}", cfg.robust.rule != "mean"),
-            (f"attack.name={cfg.attack.name}", cfg.attack.name != "none"),
-            (f"algorithm.name={cfg.algorithm.name}", cfg.algorithm.name != "fedavg"),
+            (f"robust.rule={cfg.robust.rule}", ROBUST_RULES.supports(cfg.robust.rule, NEEDS_ALL_UPDATES)),
+            (f"attack.name={cfg.attack.name}", ATTACKS.supports(cfg.attack.name, MODEL_POISONING)
+             or ATTACKS.supports(cfg.attack.name, POISONS_DATA)),
+            (f"algorithm.name={cfg.algorithm.name}",  # nothing to aggregate: only plain FedAvg is meaningful
+             not ALGORITHMS.supports(cfg.algorithm.name, SGD_SERVER_STEP, PLAIN_CLIENT)),
         ]
         for what, on in conflicts:
             if on:

@@ -249,8 +249,9 @@ def build_dp_sgd(cfg: RunConfig, fm, enc, clients) -> LocalDPSGD | None:
             "train.max_grad_norm (batch clipping) cannot be combined with privacy.dp_sgd, "
             "which clips every example to privacy.dp_sgd.max_grad_norm"
         )
-    if cfg.robust.rule == "fltrust":
-        raise FedfmError("robust.rule=fltrust cannot be combined with privacy.dp_sgd yet (its root update would run DP-SGD)")
+    if ROBUST_RULES.supports(cfg.robust.rule, NEEDS_ROOT_DATA):
+        raise FedfmError(f"robust.rule={cfg.robust.rule} cannot be combined with privacy.dp_sgd yet "
+                         "(its root update would run DP-SGD)")
     sizes = {c.cid: len(c.train_idx) for c in clients}
     if min(sizes.values(), default=0) < 1:
         raise FedfmError("privacy.dp_sgd: every client needs at least one training example")
