@@ -331,3 +331,13 @@ def test_checker_resolves_from_package_import_of_a_submodule_into_a_cycle():
         package="pkg",
     )
     assert cycles(graph) == {("pkg.a", "pkg.b"): "pkg.a -> pkg.b -> pkg.a"}
+
+
+def test_no_function_in_fedfm_is_over_sixty_lines():
+    """Issue 13's size target: a function that grows past a screen gets split where it has parts."""
+    long = []
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, "functions over 60 lines: " + ", ".join(long)

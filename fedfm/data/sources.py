@@ -190,6 +190,19 @@ def _speech_follows(lines: list[str], i: int) -> bool:
     return nxt.startswith("[")
 
 
+def _speaker_at(lines: list[str], i: int, s: str, boundary: bool, known: set[str]) -> str | None:
+    """The role that line ``i`` (stripped: ``s``) opens a speech of, or None when it is speech itself."""
+    name = _speaker_name(s)
+    if name is None:
+        return None
+    caps = s.isupper() and s.endswith(".") and len(name) > 2  # "POINTZ.", not "Ham."
+    if boundary:  # "NAME." or a role seen before may stand before a blank line
+        ok = caps or name in known or _speech_follows(lines, i)
+    else:  # right after speech (a typo in some editions): only an all-caps "NAME."
+        ok = caps and (name in known or _speech_follows(lines, i))
+    return name if ok else None
+
+
 def parse_play(text: str) -> list[tuple[str, str]]:
     """Split one Gutenberg play into ``(role, speech)`` pairs, in order.
 
@@ -236,15 +249,7 @@ def parse_play(text: str) -> list[tuple[str, str]]:
             flush()
             role, boundary = None, True
             continue
-        name = _speaker_name(s)
-        if name is not None:
-            caps = s.isupper() and s.endswith(".") and len(name) > 2  # "POINTZ.", not "Ham."
-            if boundary:
-                # "NAME." or a role seen before may stand before a blank line
-                ok = caps or name in known or _speech_follows(lines, i)
-            else:  # right after speech (a typo in some editions): only an all-caps "NAME."
-                ok = caps and (name in known or _speech_follows(lines, i))
-            name = name if ok else None
+        name = _speaker_at(lines, i, s, boundary, known)
         if name is not None:
             flush()
             role = name

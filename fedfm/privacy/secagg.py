@@ -480,12 +480,7 @@ def secure_sum(
     first input's dtype if the inputs are tensors. Raises :class:`SecAggAbort`
     when too few clients remain.
     """
-    if not vectors:
-        raise ValueError("secure_sum needs at least one vector")
-    arrays = [_to_numpy(v) for v in vectors]
-    shape = arrays[0].shape
-    if any(a.shape != shape for a in arrays):
-        raise ValueError("all vectors must have the same shape")
+    arrays, shape = _same_shaped(vectors)
     n, dim = len(arrays), int(np.prod(shape, dtype=np.int64))
     quantizer = Quantizer.for_clients(n, clip) if bits is None else Quantizer(clip=clip, bits=bits)
     server = SecAggServer(range(n), threshold, dim, neighbours, quantizer, _seed_bytes(seed))
@@ -507,9 +502,24 @@ def secure_sum(
     result = server.on_unmask(
         exchange([clients[u].unmask(m) for u, m in to_clients.items() if u not in gone_unmask])
     )
-    total = result.sum.reshape(shape)
-    if type(vectors[0]).__module__.startswith("torch"):
+    return _like(result.sum.reshape(shape), vectors[0]), result.survivors
+
+
+def _same_shaped(vectors: Sequence) -> tuple[list[np.ndarray], tuple]:
+    """The vectors as float64 arrays, all of one shape (else ValueError), and that shape."""
+    if not vectors:
+        raise ValueError("secure_sum needs at least one vector")
+    arrays = [_to_numpy(v) for v in vectors]
+    shape = arrays[0].shape
+    if any(a.shape != shape for a in arrays):
+        raise ValueError("all vectors must have the same shape")
+    return arrays, shape
+
+
+def _like(total: np.ndarray, first):
+    """``total`` as a tensor of ``first``'s dtype when the inputs were tensors, else the float64 array."""
+    if type(first).__module__.startswith("torch"):
         import torch
 
-        total = torch.from_numpy(total).to(vectors[0].dtype)
-    return total, result.survivors
+        return torch.from_numpy(total).to(first.dtype)
+    return total

@@ -86,48 +86,58 @@ def prepare_poisoning(
     one call.
     """
     check_poisoning(attack, "seq_cls" if enc.labels is not None else "causal_lm", num_classes, eval_backdoor)
-    labels = enc.labels
-    n0 = len(enc)
     extra: list[Encoded] = []
     poisoned: dict[int, int] = {}
     if attack.supports(FLIPS_LABELS):
-        for cid in malicious:
-            c = clients[cid]
-            rows = torch.as_tensor(np.asarray(c.train_idx, dtype=np.int64))
-            start = n0 + sum(len(e) for e in extra)
-            extra.append(Encoded(
-                input_ids=enc.input_ids[rows],
-                attention_mask=enc.attention_mask[rows],
-                lengths=enc.lengths[rows],
-                labels=flip_labels(labels[rows], num_classes, attack.flip_mode, attack.flip_map),
-            ))
-            c.train_idx = np.arange(start, start + len(rows), dtype=np.int64)
-            poisoned[cid] = len(rows)
+        extra += flipped_rows(attack, clients, malicious, enc, num_classes, poisoned)
+    start = len(enc) + sum(len(e) for e in extra)
     trig_texts: list[str] = []
-    trig_labels: list[int] = []
     if attack.supports(TRIGGERS):
-        start = n0 + sum(len(e) for e in extra)
-        for cid in malicious:
-            c = clients[cid]
-            rows = np.asarray(c.train_idx, dtype=np.int64)
-            rng = np.random.default_rng([attack.seed, cid, 0xBD])
-            pick = backdoor_pick(labels[rows].numpy(), attack.target_label, attack.poison_fraction, rng)
-            keep = np.setdiff1d(np.arange(len(rows)), pick)
-            new = np.arange(start + len(trig_texts), start + len(trig_texts) + len(pick), dtype=np.int64)
-            trig_texts += add_trigger([texts[i] for i in rows[pick]], attack.trigger, attack.trigger_position,
-                                      seed=attack.seed * 1_000_003 + cid)
-            trig_labels += [attack.target_label] * len(pick)
-            c.train_idx = np.concatenate([rows[keep], new])
-            poisoned[cid] = len(pick)
+        trig_texts += triggered_rows(attack, clients, malicious, texts, enc.labels, start, poisoned)
     backdoor_rows = None
-    if attack.supports(TRIGGERS) or eval_backdoor:
+    if attack.supports(TRIGGERS) or eval_backdoor:  # the test rows that measure the backdoor
         test = np.asarray(test_idx, dtype=np.int64)
-        test = test[labels[test].numpy() != attack.target_label]
-        first = n0 + sum(len(e) for e in extra) + len(trig_texts)
-        backdoor_rows = np.arange(first, first + len(test), dtype=np.int64)
+        test = test[enc.labels[test].numpy() != attack.target_label]
+        backdoor_rows = np.arange(start + len(trig_texts), start + len(trig_texts) + len(test), dtype=np.int64)
         trig_texts += add_trigger([texts[i] for i in test], attack.trigger, attack.trigger_position,
                                   seed=attack.seed * 1_000_003 + 999_983)
-        trig_labels += [attack.target_label] * len(test)
-    if trig_texts:
-        extra.append(encode(trig_texts, tokenizer, max_length, np.asarray(trig_labels, dtype=np.int64)))
+    if trig_texts:  # every triggered row carries the target label; tokenized in one call
+        extra.append(encode(trig_texts, tokenizer, max_length, np.full(len(trig_texts), attack.target_label, dtype=np.int64)))
     return PoisonedData(concat(enc, *extra) if extra else enc, backdoor_rows, poisoned)
+
+
+def flipped_rows(attack: Attack, clients: Sequence, malicious: Sequence[int], enc: Encoded, num_classes: int,
+                 poisoned: dict[int, int]) -> list[Encoded]:
+    """Label flipping: a copy of each malicious client's rows with flipped labels, appended after ``enc``."""
+    extra: list[Encoded] = []
+    for cid in malicious:
+        c = clients[cid]
+        rows = torch.as_tensor(np.asarray(c.train_idx, dtype=np.int64))
+        start = len(enc) + sum(len(e) for e in extra)
+        extra.append(Encoded(
+            input_ids=enc.input_ids[rows],
+            attention_mask=enc.attention_mask[rows],
+            lengths=enc.lengths[rows],
+            labels=flip_labels(enc.labels[rows], num_classes, attack.flip_mode, attack.flip_map),
+        ))
+        c.train_idx = np.arange(start, start + len(rows), dtype=np.int64)
+        poisoned[cid] = len(rows)
+    return extra
+
+
+def triggered_rows(attack: Attack, clients: Sequence, malicious: Sequence[int], texts: Sequence[str], labels,
+                   start: int, poisoned: dict[int, int]) -> list[str]:
+    """Backdoor: each malicious client swaps a share of its rows for triggered copies (new rows from ``start``)."""
+    out: list[str] = []
+    for cid in malicious:
+        c = clients[cid]
+        rows = np.asarray(c.train_idx, dtype=np.int64)
+        rng = np.random.default_rng([attack.seed, cid, 0xBD])
+        pick = backdoor_pick(labels[rows].numpy(), attack.target_label, attack.poison_fraction, rng)
+        keep = np.setdiff1d(np.arange(len(rows)), pick)
+        new = np.arange(start + len(out), start + len(out) + len(pick), dtype=np.int64)
+        out += add_trigger([texts[i] for i in rows[pick]], attack.trigger, attack.trigger_position,
+                           seed=attack.seed * 1_000_003 + cid)
+        c.train_idx = np.concatenate([rows[keep], new])
+        poisoned[cid] = len(pick)
+    return out
