@@ -29,7 +29,7 @@ from fedfm.config import resolve_config
 from fedfm.drivers.continual import check_supported as check_continual
 from fedfm.drivers.continual import run_continual
 from fedfm.drivers.devices import check_devices
-from fedfm.drivers.workers import evaluation, start_workers
+from fedfm.drivers.workers import evaluation, run_in_group, start_workers
 from fedfm.eval.backdoor import backdoor_success
 from fedfm.eval.evaluate import evaluate
 from fedfm.eval.personal import evaluate_personalized, personal_summary
@@ -63,17 +63,8 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     kept, start_round = restore(r, resume)
     group = r.sim.group = start_workers(cfg, r.device)  # everything read-only is built: fork now
     main = group is None or group.main  # only the main process evaluates and writes
-    try:
-        metrics_log, stop_reason, progress = run_rounds(r, main, kept, start_round, console)
-    except BaseException:
-        if group is not None:
-            group.fail()  # a forked worker leaves here; the main process stops its workers
-        raise
-    if group is not None:
-        group.close()  # a forked worker leaves here
-        if not main:
-            return {}
-    return finish(r, metrics_log.records, stop_reason, progress)
+    metrics_log, stop_reason, progress = run_in_group(group, lambda: run_rounds(r, main, kept, start_round, console))
+    return finish(r, metrics_log.records, stop_reason, progress) if main else {}
 
 
 def restore(r: Run, resume) -> tuple[list[dict] | None, int]:
@@ -82,28 +73,17 @@ def restore(r: Run, resume) -> tuple[list[dict] | None, int]:
     if found is None:
         return None, 1
     meta, tensors, kept = found
-    checkpoint.restore(meta, tensors, r.server, loaders(r))
+    checkpoint.restore(meta, tensors, r.server, {name: load for name, (_, load) in sections(r).items()})
     return kept, meta["round"] + 1
 
 
 def sections(r: Run) -> dict:
-    """The checkpoint sections of a run besides the server: clients, driver, DP-SGD accountants."""
-    write_clients, _ = clients_section(r.clients)
-    out = {"clients": write_clients, "simulation": r.sim.state_dict}
+    """The checkpoint sections of a run besides the server, ``name -> (write, load)``: clients, driver, DP-SGD."""
+    out = {"clients": clients_section(r.clients), "simulation": (r.sim.state_dict, r.sim.load_state_dict)}
     if r.engine is not None:
-        out["asynchronous"] = r.engine.state_dict
+        out["asynchronous"] = (r.engine.state_dict, r.engine.load_state_dict)
     if r.dp_sgd is not None:
-        out["dp_sgd"] = r.dp_sgd.state_dict
-    return out
-
-
-def loaders(r: Run) -> dict:
-    _, load_clients = clients_section(r.clients)
-    out = {"clients": load_clients, "simulation": r.sim.load_state_dict}
-    if r.engine is not None:
-        out["asynchronous"] = r.engine.load_state_dict
-    if r.dp_sgd is not None:
-        out["dp_sgd"] = r.dp_sgd.load_state_dict
+        out["dp_sgd"] = (r.dp_sgd.state_dict, r.dp_sgd.load_state_dict)
     return out
 
 
@@ -160,7 +140,7 @@ def run_rounds(r: Run, main: bool, kept, start_round: int, console):
             due = (cfg.eval.every > 0 and rnd % cfg.eval.every == 0) or last
             log_round(r, record, main, do_eval if due else None, metrics_log, progress)
             if main and ckpt.due(rnd):  # numbered global version + server, client, privacy and RNG state
-                ckpt.save(rnd, r.server, len(metrics_log.records), sections(r))
+                ckpt.save(rnd, r.server, len(metrics_log.records), {k: w for k, (w, _) in sections(r).items()})
     metrics_log.close()
     return metrics_log, stop_reason, progress
 

@@ -51,7 +51,7 @@ from fedfm.continual.regularizers import AnchorRegularizer, RegularizedAlgorithm
 from fedfm.continual.replay import ReservoirBuffer
 from fedfm.continual.report import plot_continual
 from fedfm.continual.stream import StreamPlan, plan_stream
-from fedfm.drivers.workers import evaluation, start_workers
+from fedfm.drivers.workers import evaluation, run_in_group, start_workers
 from fedfm.errors import FedfmError
 from fedfm.eval.report import MetricsLog, write_json
 from fedfm.eval.summary import make_summary, state_metadata
@@ -126,17 +126,8 @@ def run_continual(r, console=None, resume=None) -> dict:
     loop = ContinualLoop(r)
     kept = loop.restore(resume)
     group = r.sim.group = start_workers(r.cfg, r.device)  # everything read-only is built: fork now
-    try:
-        loop.run(kept, console)
-    except BaseException:
-        if group is not None:
-            group.fail()  # a forked worker leaves here; the main process stops its workers
-        raise
-    if group is not None:
-        group.close()  # a forked worker leaves here
-        if not group.main:
-            return {}
-    return loop.finish()
+    run_in_group(group, lambda: loop.run(kept, console))
+    return loop.finish() if group is None or group.main else {}
 
 
 class ContinualLoop:

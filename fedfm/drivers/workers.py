@@ -278,3 +278,20 @@ def evaluation(group, threads: int | None):
     finally:
         torch.set_num_threads(before)
         group.barrier()
+
+
+def run_in_group(group: WorkerGroup | None, loop: Callable[[], object]):
+    """Run ``loop()`` in this process of the group: a failure stops the group, the end closes it.
+
+    A forked worker leaves the process inside :meth:`WorkerGroup.close` or
+    :meth:`WorkerGroup.fail`; torchrun's other ranks return here with the result.
+    """
+    try:
+        result = loop()
+    except BaseException:
+        if group is not None:
+            group.fail()  # a forked worker leaves here; the main process stops its workers
+        raise
+    if group is not None:
+        group.close()  # a forked worker leaves here
+    return result
