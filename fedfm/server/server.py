@@ -91,7 +91,7 @@ class Server:
         self._aborted: str | None = None
         self._events: list[list] = []  # this round's ledger entries (handed to other simulation workers)
         self._from = (0, 0)  # len(rejected), uploads when the round opened
-        self._down: tuple[int, bytes] | None = None  # (version, its encoded broadcast)
+        self._down: tuple[int, bytes, int | None] | None = None  # (version, its broadcast, uncoded length)
         self.holding: dict[int, int] = {}  # asynchronous: client -> the version it downloaded and still trains on
         self.bases: dict[int, Tensors] = {}  # FedAsync: the versions clients in flight started from
         self.staleness_seen: list[int] = []
@@ -106,18 +106,17 @@ class Server:
 
     def broadcast(self, cid: int) -> bytes:
         """The current version, encoded for client ``cid`` (counted in the byte ledger)."""
-        if self._down is None or self._down[0] != self.version:
-            self._down = (self.version, self.wire.encode_broadcast(self.algorithm.broadcast(self.global_state, self.version)))
-        payload = self._down[1]
-        self._count(cid, "down", len(payload), self._raw_down() if self.wire.coded else None)
+        if self._down is None or self._down[0] != self.version:  # encoded once per version
+            message = self.algorithm.broadcast(self.global_state, self.version)
+            raw = Wire.raw_size(message) if self.wire.coded else None
+            self._down = (self.version, self.wire.encode_broadcast(message), raw)
+        _, payload, raw = self._down
+        self._count(cid, "down", len(payload), raw)
         if self.asynchronous is not None:
             self.holding[cid] = self.version
             if self.asynchronous.method == "fedasync" and self.version not in self.bases:
                 self.bases[self.version] = clone(self.global_state)
         return payload
-
-    def _raw_down(self) -> int:
-        return Wire.raw_size(self.algorithm.broadcast(self.global_state, self.version))
 
     # -- a round ---------------------------------------------------------------------------
     def open_round(self, round_idx: int, cohort: list[int] | None = None) -> None:
