@@ -37,9 +37,7 @@ EXAMPLES = {
     "trimmed_mean_attack": ("examples/robust.yaml", ["workers=1"]),
     "fedbuff": ("examples/async.yaml", ["workers=1", "federation.rounds=3"]),
     "continual_replay": ("examples/continual.yaml", ["continual.rounds_per_stage=1"]),
-    # threads=1: a parent that already ran an OpenMP team before forking can hang its workers (GNU
-    # libgomp is not fork-safe); seen with threads=2 workers=2, left for the reliability issue
-    "workers2": ("examples/default.yaml", ["workers=2", "threads=1"]),
+    "workers2": ("examples/default.yaml", ["workers=2", "threads=1"]),  # as recorded before the refactor
 }
 
 

@@ -42,7 +42,7 @@ from fedfm.data.stats import partition_stats
 from fedfm.drivers.asynchronous import AsyncEngine
 from fedfm.drivers.devices import Fleet, smaller_rank, training_footprint_mb
 from fedfm.drivers.simulation import Simulation
-from fedfm.drivers.workers import is_main_process
+from fedfm.drivers.workers import is_main_process, threads_before_start
 from fedfm.errors import FedfmError
 from fedfm.eval.report import write_json
 from fedfm.models import build_model, resolve_device
@@ -131,8 +131,9 @@ def start_run(cfg: RunConfig):
     if is_main_process():  # under torchrun only rank 0 writes the run folder
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = threads_before_start(cfg, device)  # 1 until workers are forked (fedfm.drivers.workers)
+    if threads:
+        torch.set_num_threads(threads)
     seed_everything(cfg.seed)
     t_start = time.perf_counter()
     ds = load_text_dataset(cfg.data, cfg.model.task, seed=cfg.seed)

@@ -17,7 +17,7 @@ from fedfm.algorithms.fedavg import MeanDeltaFold
 from fedfm.config import load_config
 from fedfm.errors import FedfmError
 from fedfm.privacy.client_dp import ClientDPFold
-from fedfm.drivers.workers import assign, resolve_workers
+from fedfm.drivers.workers import assign, resolve_workers, threads_before_start
 
 from test_end_to_end import tiny_cls_overrides
 
@@ -71,6 +71,21 @@ def test_the_number_of_workers_follows_the_config_and_what_can_be_split(tmp_path
     assert resolve_workers(robust, cpu) == 1  # a median needs every update in one place
     with pytest.raises(FedfmError, match="robust.rule=median"):
         resolve_workers(load_config(None, tiny_cls_overrides(tmp_path, **{"robust.rule": "median", "workers": 2})), cpu)
+
+
+def test_a_run_that_forks_stays_on_one_thread_until_its_workers_exist(tmp_path):
+    """GNU libgomp is not fork-safe: a parent that ran a multi-threaded region before fork hung its workers.
+
+    (Measured: the default job with threads=2 workers=2 hung in a worker's first embedding, killed at
+    150 s; with this rule it finished in 59 s.)
+    """
+    cpu = torch.device("cpu")
+    forks = load_config(None, tiny_cls_overrides(tmp_path, workers=2, threads=2))
+    assert threads_before_start(forks, cpu) == 1
+    alone = load_config(None, tiny_cls_overrides(tmp_path, workers=1, threads=2))
+    assert threads_before_start(alone, cpu) == 2
+    robust = load_config(None, tiny_cls_overrides(tmp_path, threads=2, **{"robust.rule": "median"}))
+    assert threads_before_start(robust, cpu) == 2  # it never forks
 
 
 def final(tmp_path, name, **extra):

@@ -239,6 +239,25 @@ def finish_worker(code: int) -> None:
         os._exit(code)
 
 
+def threads_before_start(cfg, device: torch.device) -> int | None:
+    """The intra-op threads a run may use until :func:`start_workers` (None: torch's default).
+
+    A run that will fork workers stays on one thread until then: a parent that has
+    run a multi-threaded OpenMP region before ``fork`` leaves its children a thread
+    pool they cannot use (GNU libgomp is not fork-safe), and the first parallel
+    operation of a worker then waits forever (seen: the default job with
+    ``threads=2 workers=2`` hung in its first embedding). Threads are set for
+    good after the fork.
+    """
+    if from_torchrun_env() or resolve_workers(cfg, device) <= 1:
+        return cfg.threads
+    return 1
+
+
+def from_torchrun_env() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def start_workers(cfg, device: torch.device) -> WorkerGroup | None:
     """Join torchrun's group, or fork ``workers - 1`` workers; None when the run stays in one process."""
     group = from_torchrun()
