@@ -55,7 +55,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class MeanDeltaFold(ServerFold):
+class StartedFold(ServerFold):
+    """A fold that holds the round's global state from ``start`` to ``finish`` and checks updates against it."""
+
+    _global: Mapping[str, torch.Tensor] | None = None
+    _float_keys: list[str] = []
+
+    def _require_started(self) -> Mapping[str, torch.Tensor]:
+        if self._global is None:
+            raise RuntimeError("call start(global_state) before add()/finish()")
+        return self._global
+
+    def _float_part(self, tensors: Mapping[str, torch.Tensor], g: Mapping[str, torch.Tensor], what: str):
+        return float_entries(tensors, g, self._float_keys, what)
+
+
+class MeanDeltaFold(StartedFold):
     """Weighted mean of client deltas, then one server-optimizer step.
 
     * ``weighting="examples"``: weight = ``update.num_examples``; an update
@@ -187,15 +202,6 @@ class MeanDeltaFold(ServerFold):
         self.optimizer.state.clear()
         for name in meta["names"]:
             self.optimizer.state[name] = {k: tensors[f"server_opt/{k}/{name}"] for k in meta["slots"][name]}
-
-    # -- helpers ------------------------------------------------------------
-    def _require_started(self) -> Mapping[str, torch.Tensor]:
-        if self._global is None:
-            raise RuntimeError("call start(global_state) before add()/finish()")
-        return self._global
-
-    def _float_part(self, tensors: Mapping[str, torch.Tensor], g: Mapping[str, torch.Tensor], what: str):
-        return float_entries(tensors, g, self._float_keys, what)
 
 
 def float_entries(

@@ -61,6 +61,7 @@ from fedfm.registry import ATTACKS, NEEDS_ROOT_DATA, POISONS_DATA, ROBUST_RULES
 from fedfm.seeds import derive_seed
 from fedfm.server import checkpoint
 from fedfm.server.compose import build_algorithm_fold
+from fedfm.server.server import clone
 from fedfm.tensor_groups import get_group, put_group
 
 ANCHOR_SENT = "continual_anchor_stage"  # client state: the stage whose anchor it has downloaded
@@ -112,10 +113,6 @@ class StageTrainer:
             client.state[ANCHOR_SENT] = self.stage
             self.server.charge(client.cid, "down", self._anchor_bytes)
         return self.trainer.local_update(algo, broadcast, client, round_idx)
-
-
-def clone(state) -> "OrderedDict[str, torch.Tensor]":
-    return OrderedDict((k, v.detach().clone()) for k, v in state.items())
 
 
 def run_continual(r, console=None, resume=None) -> dict:
@@ -235,8 +232,8 @@ class ContinualLoop:
     def begin_stage(self, k: int) -> None:
         r = self.r
         if self.cc.per_task_adapters and k > 0:  # a new task: its own state and a fresh server optimizer
-            state = clone(self.task_states[k - 1] if self.cc.adapter_init == "previous" else self.initial)
-            r.server.start_task(*build_algorithm_fold(r.cfg, len(r.clients), r.trainer, r.root_client), state)
+            state = self.task_states[k - 1] if self.cc.adapter_init == "previous" else self.initial
+            r.server.start_task(*build_algorithm_fold(r.cfg, len(r.clients), r.trainer, r.root_client), state)  # copies it
             self._client_algorithm()
         for i, c in enumerate(r.clients):
             new = self.plan.train[k][i]

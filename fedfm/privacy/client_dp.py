@@ -61,7 +61,7 @@ from typing import Literal, Mapping
 import torch
 
 from fedfm.algorithms.base import Algorithm, ServerFold, Update
-from fedfm.algorithms.fedavg import MeanDeltaFold, float_entries
+from fedfm.algorithms.fedavg import MeanDeltaFold, StartedFold
 
 Denominator = Literal["expected", "actual"]
 
@@ -103,7 +103,7 @@ def _round_seed(seed: int, round_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class ClientDPFold(ServerFold):
+class ClientDPFold(StartedFold):
     """DP-FedAvg around the algorithm's fold: clip in ``add``, noise in ``finish``, then the inner fold steps.
 
     Args:
@@ -314,14 +314,6 @@ class ClientDPFold(ServerFold):
     def round_stats(self) -> dict:
         """The last round's clipping and noise statistics (``dp_*`` in the metrics log)."""
         return {f"dp_{k}": v for k, v in self.last_round.items() if isinstance(v, (int, float))}
-
-    def _require_started(self) -> Mapping[str, torch.Tensor]:
-        if self._global is None:
-            raise RuntimeError("call start(global_state) before add()/finish()")
-        return self._global
-
-    def _float_part(self, tensors: Mapping[str, torch.Tensor], g: Mapping[str, torch.Tensor], what: str):
-        return float_entries(tensors, g, self._float_keys, what)
 
     # -- state --------------------------------------------------------------
     def _generator(self) -> torch.Generator:
