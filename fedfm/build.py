@@ -120,11 +120,13 @@ def build_clients(cfg: RunConfig, ds, holdout=None) -> tuple[np.ndarray, list[Cl
     return test_idx, clients, stats
 
 
-def start_run(cfg: RunConfig):
+def start_run(cfg: RunConfig, data=None):
     """The common start of every run: ``(device, run folder, start time, dataset)``.
 
     Resolves the device (failing before anything is written when a GPU is
-    absent), writes config.yaml, sets threads and seeds, loads the dataset.
+    absent), writes config.yaml, sets threads and seeds, loads the dataset
+    (``data``: another DataConfig to load instead of ``cfg.data``, e.g. a
+    deployed server's own test file).
     """
     device = resolve_device(cfg.device)
     out = run_dir_for(cfg)
@@ -136,9 +138,10 @@ def start_run(cfg: RunConfig):
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
     t_start = time.perf_counter()
-    ds = load_text_dataset(cfg.data, cfg.model.task, seed=cfg.seed)
+    data = cfg.data if data is None else data
+    ds = load_text_dataset(data, cfg.model.task, seed=cfg.seed)
     if cfg.model.task == "seq_cls" and ds.labels is None:
-        raise FedfmError(f"task seq_cls needs labels, but dataset {cfg.data.dataset!r} has none")
+        raise FedfmError(f"task seq_cls needs labels, but dataset {data.dataset!r} has none")
     return device, out, t_start, ds
 
 

@@ -80,6 +80,115 @@ def export(
         raise typer.Exit(code=2)
 
 
+deploy_app = typer.Typer(no_args_is_help=True, help="Deploy on Flower: a SuperLink, nodes with local data, runs.")
+app.add_typer(deploy_app, name="deploy")
+
+
+def _fail(err) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@deploy_app.command("credentials")
+def deploy_credentials(
+    folder: str = typer.Argument(..., help="Where to write ca.crt, server.pem/.key and the node keys."),
+    host: List[str] = typer.Option(["127.0.0.1", "localhost"], "--host", help="A name or IP nodes dial (repeat)."),
+    node: List[str] = typer.Option([], "--node", help="Write a key pair for this node name (repeat)."),
+) -> None:
+    """TLS certificates for the SuperLink and authentication keys for the nodes."""
+    from pathlib import Path
+
+    from fedfm.deploy.credentials import make_node_key, make_tls
+    from fedfm.errors import FedfmError
+
+    try:
+        for path in list(make_tls(Path(folder), host).values()) + [
+                p for n in node for p in make_node_key(Path(folder), n).values()]:
+            typer.echo(str(path))
+    except FedfmError as err:
+        _fail(err)
+
+
+@deploy_app.command("superlink")
+def deploy_superlink(
+    address: str = typer.Option("127.0.0.1:9093", help="HOST:PORT to serve on (0.0.0.0:PORT for other machines)."),
+    state: str = typer.Option("superlink-state", help="Folder for the SuperLink's database and installed apps."),
+    certs: Optional[str] = typer.Option(None, help="A `fedfm deploy credentials` folder (TLS)."),
+    auth: bool = typer.Option(True, help="Only registered nodes may connect (`fedfm deploy register`)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, unencrypted, no node authentication."),
+) -> None:
+    """Start the server side: Flower's SuperLink (the ServerApp runs under it when a run is submitted)."""
+    from pathlib import Path
+
+    from fedfm.deploy.launch import superlink
+    from fedfm.errors import FedfmError
+
+    files = {k: None if certs is None else str(Path(certs) / f) for k, f in
+             (("ca", "ca.crt"), ("cert", "server.pem"), ("key", "server.key"))}
+    try:
+        raise typer.Exit(code=superlink(address, state, insecure=insecure, auth=auth and not insecure, **files))
+    except FedfmError as err:
+        _fail(err)
+
+
+@deploy_app.command("register")
+def deploy_register(
+    public_key: str = typer.Argument(..., help="The node's NAME.pub from `fedfm deploy credentials --node NAME`."),
+    superlink: str = typer.Option("127.0.0.1:9093", help="The SuperLink's HOST:PORT."),
+    root_certificates: Optional[str] = typer.Option(None, help="The CA certificate (ca.crt) of the SuperLink."),
+    insecure: bool = typer.Option(False, "--insecure", help="The SuperLink runs without TLS."),
+) -> None:
+    """Allow a node's key on a SuperLink started with node authentication."""
+    from fedfm.deploy.launch import register
+    from fedfm.errors import FedfmError
+
+    try:
+        raise typer.Exit(code=register(public_key, superlink, root_certificates, insecure))
+    except FedfmError as err:
+        _fail(err)
+
+
+@deploy_app.command("node")
+def deploy_node(
+    data: str = typer.Option(..., help="This node's own data file (or folder of .txt); it never leaves the node."),
+    superlink: str = typer.Option("127.0.0.1:9093", help="The SuperLink's HOST:PORT."),
+    name: Optional[str] = typer.Option(None, help="The node's name (its client id follows it); default: hostname."),
+    state: str = typer.Option("node-state", help="Folder for the node's worker socket and private client state."),
+    root_certificates: Optional[str] = typer.Option(None, help="The CA certificate (ca.crt) of the SuperLink."),
+    key: Optional[str] = typer.Option(None, help="The node's private key (NAME.key) for node authentication."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Torch threads for local training."),
+    insecure: bool = typer.Option(False, "--insecure", help="The SuperLink runs without TLS."),
+) -> None:
+    """Start one edge node: fedfm's resident worker (model and data in memory) and Flower's SuperNode."""
+    from fedfm.deploy.launch import node
+    from fedfm.errors import FedfmError
+
+    try:
+        raise typer.Exit(code=node(data, superlink, state, name=name, threads=threads, insecure=insecure,
+                                   root_certificates=root_certificates, auth_key=key))
+    except FedfmError as err:
+        _fail(err)
+
+
+@deploy_app.command("submit", context_settings={"allow_extra_args": False})
+def deploy_submit(
+    args: Optional[List[str]] = typer.Argument(None, help="An optional CONFIG.yaml, then key=value overrides."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run folder out= from its latest checkpoint."),
+    stream: bool = typer.Option(True, help="Follow the run's log until it ends."),
+) -> None:
+    """Submit a run to the SuperLink named by deploy.superlink (the same YAML as `fedfm run`)."""
+    from fedfm.config import load_config
+    from fedfm.deploy.launch import submit
+    from fedfm.errors import FedfmError
+
+    args = list(args or [])
+    config = args.pop(0) if args and "=" not in args[0] else None
+    try:
+        raise typer.Exit(code=submit(load_config(config, args), resume=resume, stream=stream))
+    except FedfmError as err:
+        _fail(err)
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

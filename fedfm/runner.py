@@ -93,10 +93,10 @@ def evaluator(r: Run):
 
     def do_eval(record: dict) -> None:
         set_state_(fm.params, server.released_state if plan is None else plan.global_model(server.released_state))
-        record.update(evaluate(fm, enc, r.test_idx, r.clients, cfg.eval.batch_size, per_client=cfg.eval.clients))
+        record.update(evaluate(fm, enc, r.test_idx, r.clients, cfg.eval.batch_size, per_client=cfg.eval.clients and bool(r.clients)))
         if r.backdoor_rows is not None:
             record["backdoor_success_rate"] = backdoor_success(fm, enc, r.backdoor_rows, cfg.eval.batch_size)
-        if plan is not None and cfg.eval.clients:  # each client's own model on its local test split
+        if plan is not None and cfg.eval.clients and r.clients:  # each client's own model on its local test split
             record.update(evaluate_personalized(fm, enc, r.clients, plan, server.released_state, cfg.eval.batch_size))
 
     return do_eval

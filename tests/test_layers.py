@@ -31,6 +31,8 @@ PACKAGE = "fedfm"
 LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
     # fedfm.__main__ only calls the CLI (``python -m fedfm``): an entry point, so it sits with the CLI
     ("cli", {"cli": ("fedfm.cli", "fedfm.__main__")}),
+    # deployment on Flower: drives the run layer's loop from a ServerApp, the client side from a node
+    ("deploy", {"deploy": ("fedfm.deploy",)}),
     ("run", {"run": ("fedfm.runner", "fedfm.build", "fedfm.__init__")}),
     ("drivers", {"drivers": ("fedfm.drivers",)}),
     ("server/client", {"server": ("fedfm.server",), "client": ("fedfm.client",)}),

@@ -76,18 +76,27 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data = loaded
+        data = _mapping(p.read_text(), f"config file {p}")
     else:
         data = {"name": "default"}
     return validate(apply_overrides(data, overrides))
+
+
+def config_from_text(text: str, overrides: Iterable[str] = ()) -> RunConfig:
+    """A validated RunConfig from YAML text (a deployed run's config travels as text)."""
+    return validate(apply_overrides(_mapping(text, "the run's config"), overrides))
+
+
+def _mapping(text: str, what: str) -> dict:
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} must hold a mapping at the top level")
+    return loaded
 
 
 def to_dict(cfg: RunConfig) -> dict:

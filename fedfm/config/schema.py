@@ -576,6 +576,35 @@ class AsyncConfig(Section):
     mixing: float = Field(0.6, gt=0, le=1)  # fedasync: alpha
 
 
+class DeployConfig(Section):
+    """Deployment on Flower's engine (``fedfm deploy``, fedfm.deploy); ignored by ``fedfm run``.
+
+    ``superlink`` is the SuperLink's one HTTPS address (Fleet, Control and
+    Runtime APIs since Flower 1.40), ``root_certificates`` the CA that signed
+    its certificate; plain HTTP needs ``insecure: true`` spelled out. A round
+    closes when every sampled node has replied or at ``round_timeout_s``
+    with at least ``min_replies`` updates folded (fewer: nothing is released
+    that round). Round 1 waits up to ``join_timeout_s`` for ``min_nodes``
+    nodes. ``test_data``: the server's own test file; None: the global
+    held-out split of ``data.dataset`` (as in a simulation of the same config).
+    """
+
+    superlink: str = Field("127.0.0.1:9093", pattern=r"^[^\s:/]+:\d{1,5}$")
+    root_certificates: str | None = None
+    insecure: bool = False
+    min_nodes: int | None = Field(None, ge=1)  # None: federation.clients_per_round
+    min_replies: int = Field(1, ge=1)
+    round_timeout_s: float = Field(600.0, gt=0)
+    join_timeout_s: float = Field(600.0, gt=0)
+    test_data: str | None = None
+
+    @model_validator(mode="after")
+    def _secure_or_explicit(self) -> "DeployConfig":
+        if self.insecure and self.root_certificates:
+            raise ValueError("deploy.insecure and deploy.root_certificates exclude each other")
+        return self
+
+
 class RunConfig(Section):
     name: str = "run"
     seed: int = 0
@@ -603,3 +632,4 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     devices: DevicesConfig = DevicesConfig()
     asynchronous: AsyncConfig = AsyncConfig()
+    deploy: DeployConfig = DeployConfig()

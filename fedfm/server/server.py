@@ -137,6 +137,11 @@ class Server:
         """True when this round's secure aggregation failed: nothing is released."""
         return self._aborted is not None
 
+    def abort_round(self, reason: str) -> None:
+        """Release nothing this round (e.g. too few replies before a deployment's deadline)."""
+        if self._aborted is None:
+            self._aborted = reason
+
     def receive(self, payload: bytes, sender: int) -> bool:
         """Decode, check and fold one update from ``sender``; a bad one is logged and left out."""
         self.uploads += 1
@@ -197,7 +202,7 @@ class Server:
             except SecAggAbort as err:
                 self._aborted = str(err)
         if self._aborted is not None:  # nothing is released, the global model stays
-            log.warning("round %d: secure aggregation aborted: %s", self.round_idx, self._aborted)
+            log.warning("round %d aborted: %s", self.round_idx, self._aborted)
             record = {"version": self.version, "aborted": self._aborted}
         else:
             self.global_state = self.algorithm.finish()

@@ -1,0 +1,70 @@
+"""What one Flower message between the fedfm server and a node carries.
+
+A message's content is a Flower ``RecordDict`` with two records:
+
+* ``"fedfm"`` (ConfigRecord): ``{"header": <JSON text>}`` — the round, the
+  client id the server gave the node, a reply's training facts, an error;
+* ``"payload"`` (ArrayRecord, only when there is one): fedfm's own encoded
+  message (:mod:`fedfm.compression.wire`, safetensors bytes with the codecs
+  applied) as one flat ``uint8`` array, so Flower chunks it like any array
+  (no message-size limit) and the bytes that cross the network are exactly the
+  bytes the server's ledger counts.
+
+Nothing here trusts its input: a malformed record is a :class:`MessageError`
+(one line), never an exception from deep inside numpy or json. Light on
+purpose (numpy and flwr only): the ClientApp imports it once per message.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+HEADER, PAYLOAD = "fedfm", "payload"
+MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes; refuse anything absurd
+
+
+class MessageError(ValueError):
+    """A Flower message that is not a well-formed fedfm message."""
+
+
+def pack(header: dict, payload: bytes | None = None) -> RecordDict:
+    """``header`` (JSON-able) and an optional payload as a message's content."""
+    records = {HEADER: ConfigRecord({"header": json.dumps(header)})}
+    if payload is not None:
+        records[PAYLOAD] = ArrayRecord({"bytes": Array(np.frombuffer(payload, dtype=np.uint8).copy())})
+    return RecordDict(records)
+
+
+def unpack(content: RecordDict) -> tuple[dict, bytes | None]:
+    """``(header, payload or None)`` of a message's content; :class:`MessageError` when malformed."""
+    try:
+        text = content.config_records[HEADER]["header"]
+    except (KeyError, TypeError) as err:
+        raise MessageError(f"no fedfm header in the message ({type(err).__name__}: {err})") from None
+    if not isinstance(text, str) or len(text) > MAX_HEADER_BYTES:
+        raise MessageError("the fedfm header is not a JSON text of reasonable size")
+    try:
+        header = json.loads(text)
+    except ValueError as err:
+        raise MessageError(f"the fedfm header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise MessageError("the fedfm header is not a JSON object")
+    if PAYLOAD not in content.array_records:
+        return header, None
+    record = content.array_records[PAYLOAD]
+    if list(record.keys()) != ["bytes"]:
+        raise MessageError(f"the payload record holds {list(record.keys())}, expected one 'bytes' array")
+    array = record["bytes"]
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise MessageError(f"the payload is a {array.dtype} array of shape {array.shape}, expected flat uint8")
+    return header, array.numpy().tobytes()
+
+
+def payload_size(message) -> int:
+    """Bytes of fedfm payload in a Flower message (0 without one, e.g. Flower's error reply for a dead node)."""
+    if not message.has_content() or PAYLOAD not in message.content.array_records:
+        return 0
+    return int(np.prod(message.content.array_records[PAYLOAD]["bytes"].shape))

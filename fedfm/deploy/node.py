@@ -1,0 +1,206 @@
+"""A node's resident worker: the client side of a deployed run, kept in memory between rounds.
+
+``fedfm deploy node`` runs one :class:`NodeWorker` per device next to Flower's
+SuperNode. It answers the requests the per-message ClientApp forwards
+(:mod:`fedfm.deploy.link`):
+
+* ``hello`` — the node's name and how many rows its local data file holds
+  (counts only: no row, label or statistic leaves the node);
+* ``train`` — one round: decode the server's broadcast, train on the node's
+  own data, encode the update (:class:`fedfm.client.client.ClientApp`, the
+  same code a simulation runs).
+
+The first ``train`` of a run builds the client side from the run's config
+(sent by the server with every message): the model (frozen base + trainable
+state), the node's data read from *its own* file with the run's columns and
+the label names the server announces (so label ids agree across nodes), the
+local train/test split a simulated client with the same id would get, the
+local trainer and the codecs. It stays built while the config is the same,
+so the foundation model loads once per run, not once per message. The
+client's private state (error-feedback residuals, SCAFFOLD's control
+variate) is kept in memory and written to the node's state folder after
+every round, so a node restarted mid-run picks it up again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedfm.errors import FedfmError
+
+log = logging.getLogger("fedfm")
+STATE_FILE = "client_state.safetensors"
+
+
+@dataclass
+class NodeSession:
+    """The client side of one run on this node."""
+
+    key: str  # sha256 of the run's config text and the client id the server gave this node
+    app: object  # fedfm.client.client.ClientApp
+    client: object  # fedfm.client.data.Client
+
+
+class NodeWorker:
+    """Answers one node's ``hello`` and ``train`` requests (see the module docstring)."""
+
+    def __init__(self, data_path: str | Path, name: str, state_dir: str | Path, threads: int | None = None) -> None:
+        self.data_path = Path(data_path)
+        self.name = name
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.threads = threads
+        self.session: NodeSession | None = None
+        self._rows: int | None = None
+
+    def handle(self, header: dict, payload: bytes | None) -> tuple[dict, bytes | None]:
+        """One request -> one reply; every failure is a reply with an ``error`` line, never a crash."""
+        try:
+            kind = header.get("kind")
+            if kind == "hello":
+                return self.hello(header), None
+            if kind == "train":
+                return self.train(header, payload)
+            return {"error": f"unknown request kind {kind!r}"}, None
+        except FedfmError as err:
+            log.error("node %s: %s", self.name, err)
+            return {"error": str(err)}, None
+        except Exception as err:  # noqa: BLE001 - report it to the server, keep serving
+            log.error("node %s: %s", self.name, traceback.format_exc())
+            return {"error": f"{type(err).__name__}: {err}".splitlines()[0]}, None
+
+    def hello(self, header: dict) -> dict:
+        cfg = _config(header)
+        if self._rows is None:
+            self._rows = len(_local_dataset(cfg, self.data_path, None).texts)
+        return {"name": self.name, "rows": self._rows}
+
+    def train(self, header: dict, payload: bytes | None) -> tuple[dict, bytes | None]:
+        if payload is None:
+            raise FedfmError("a train request without the server's broadcast")
+        round_idx, cid = _int(header, "round"), _int(header, "cid")
+        session = self._session(header, cid)
+        reply = session.app.fit(session.client, payload, round_idx)
+        self._save_state(session)
+        if reply.sat_out:
+            return {"sat_out": True, "cid": cid}, None
+        return {"cid": cid, "loss": reply.loss, "examples": reply.examples, "steps": reply.steps}, reply.payload
+
+    # -- the client side of a run -----------------------------------------------------
+    def _session(self, header: dict, cid: int) -> NodeSession:
+        text = header.get("config")
+        key = hashlib.sha256(f"{text}\0{cid}\0{header.get('labels')}".encode()).hexdigest()
+        if self.session is None or self.session.key != key:
+            self.session = None  # free the previous run's model first
+            self.session = self._build(_config(header), cid, header.get("labels"), key)
+        return self.session
+
+    def _build(self, cfg, cid: int, labels, key: str) -> NodeSession:
+        import torch
+
+        from fedfm.algorithms.registry import build_algorithm
+        from fedfm.build import client_trainer, seed_everything
+        from fedfm.client.client import ClientApp
+        from fedfm.client.data import Client
+        from fedfm.compression.wire import Wire
+        from fedfm.config.schema import DevicesConfig
+        from fedfm.data.encode import encode
+        from fedfm.data.partition import split_client
+        from fedfm.drivers.devices import Fleet
+        from fedfm.models import build_model, resolve_device
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        elif cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        ds = _local_dataset(cfg, self.data_path, labels)
+        num_labels = len(labels) if cfg.model.task == "seq_cls" else None
+        fm = build_model(cfg.model, num_labels, seed=cfg.seed, device=device)
+        enc = encode(ds.texts, fm.tokenizer, cfg.model.max_length, ds.labels if cfg.model.task == "seq_cls" else None)
+        fleet = Fleet(DevicesConfig(), 1, cfg.seed, footprint_mb=0.0)  # a real device: no simulated profile
+        trainer, _, _ = client_trainer(cfg, fm, enc, None, fleet)
+        algorithm = build_algorithm(cfg.algorithm, num_clients=cfg.federation.num_clients)
+        train, test = split_client(np.arange(len(ds.texts)), cfg.data.client_test_fraction,
+                                   seed=cfg.seed * 1_000_003 + cid)  # the split a simulated client cid gets
+        client = Client(cid=cid, train_idx=train, test_idx=test)
+        session = NodeSession(key, ClientApp(trainer, algorithm, Wire(cfg.compression, cfg.seed)), client)
+        self._load_state(session)
+        log.info("node %s: built client %d of run %s (%d train / %d test rows)", self.name, cid, cfg.name,
+                 len(train), len(test))
+        return session
+
+    def _load_state(self, session: NodeSession) -> None:
+        path = self.state_dir / STATE_FILE
+        if not path.is_file():
+            return
+        from safetensors import safe_open
+
+        from fedfm.client.state import unpack_client_states
+
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("session") != session.key:
+                return  # another run's (or another client id's) state
+        blob = path.read_bytes()
+        unpack_client_states([session.client], blob)
+
+    def _save_state(self, session: NodeSession) -> None:
+        from safetensors.torch import load, save
+
+        from fedfm.client.state import pack_client_states
+
+        blob = pack_client_states([session.client])
+        tensors = load(blob)
+        info = _metadata(blob)
+        info["session"] = session.key
+        tmp = self.state_dir / (STATE_FILE + ".tmp")
+        tmp.write_bytes(save(tensors, metadata=info))
+        tmp.replace(self.state_dir / STATE_FILE)  # atomic: a kill never leaves half a state
+
+
+def _metadata(blob: bytes) -> dict:
+    import json
+
+    return dict(json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")]).get("__metadata__", {}))
+
+
+def _config(header: dict):
+    from fedfm.config.load import config_from_text
+
+    text = header.get("config")
+    if not isinstance(text, str):
+        raise FedfmError("the run carries no fedfm config (run config key 'fedfm-config')")
+    return config_from_text(text)
+
+
+def _int(header: dict, key: str) -> int:
+    value = header.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FedfmError(f"request field {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _local_dataset(cfg, path: Path, labels):
+    """This node's rows, read with the run's columns; label ids follow the server's ``labels``."""
+    from fedfm.data.sources import load_text_dataset
+
+    data = cfg.data.model_copy(update={"dataset": str(path), "group_column": None, "max_examples": None})
+    ds = load_text_dataset(data, cfg.model.task, seed=cfg.seed)
+    if cfg.model.task != "seq_cls" or labels is None:
+        return ds
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise FedfmError("the server's label names must be a list of strings")
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted(set(ds.label_names) - set(index))
+    if unknown:
+        raise FedfmError(f"{path} has labels the run does not know: {unknown[:5]} (the run's: {labels})")
+    remap = np.array([index[name] for name in ds.label_names], dtype=np.int64)
+    ds.labels, ds.label_names = remap[ds.labels], list(labels)
+    return ds
