@@ -189,6 +189,24 @@ def deploy_submit(
         _fail(err)
 
 
+@deploy_app.command("log", context_settings={"allow_extra_args": False})
+def deploy_log(
+    run_id: int = typer.Argument(..., help="The run id `fedfm deploy submit` printed."),
+    args: Optional[List[str]] = typer.Argument(None, help="The run's CONFIG.yaml and overrides (for deploy.*)."),
+) -> None:
+    """Follow a submitted run's log until it ends; exit 0 only when it completed."""
+    from fedfm.config import load_config
+    from fedfm.deploy.launch import follow
+    from fedfm.errors import FedfmError
+
+    args = list(args or [])
+    config = args.pop(0) if args and "=" not in args[0] else None
+    try:
+        raise typer.Exit(code=follow(run_id, load_config(config, args)))
+    except FedfmError as err:
+        _fail(err)
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

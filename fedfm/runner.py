@@ -91,12 +91,14 @@ def evaluator(r: Run):
     """``do_eval(record)``: the released model's metrics, added to ``record`` (main process only)."""
     cfg, fm, enc, plan, server = r.cfg, r.fm, r.enc, r.plan, r.server
 
+    per_client = cfg.eval.clients and bool(r.clients)  # a deployed server holds no client's data
+
     def do_eval(record: dict) -> None:
         set_state_(fm.params, server.released_state if plan is None else plan.global_model(server.released_state))
-        record.update(evaluate(fm, enc, r.test_idx, r.clients, cfg.eval.batch_size, per_client=cfg.eval.clients and bool(r.clients)))
+        record.update(evaluate(fm, enc, r.test_idx, r.clients, cfg.eval.batch_size, per_client=per_client))
         if r.backdoor_rows is not None:
             record["backdoor_success_rate"] = backdoor_success(fm, enc, r.backdoor_rows, cfg.eval.batch_size)
-        if plan is not None and cfg.eval.clients and r.clients:  # each client's own model on its local test split
+        if plan is not None and per_client:  # each client's own model on its local test split
             record.update(evaluate_personalized(fm, enc, r.clients, plan, server.released_state, cfg.eval.batch_size))
 
     return do_eval

@@ -11,6 +11,7 @@ same code, so the deployed run's final state must equal the simulation's
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -130,6 +131,10 @@ def test_killed_server_resumes_to_the_uninterrupted_model(tmp_path, cluster):
     assert not (dep / "summary.json").exists()
     cluster.start("superlink", *superlink)
     cluster.wait_for("superlink", "Application startup complete")
-    done = cluster.run("deploy", "submit", *over, f"out={dep}", "--resume")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    started = cluster.run("deploy", "submit", *over, f"out={dep}", "--resume", "--no-stream")
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    run_id = re.search(r"started run (\d+)", started.stdout).group(1)
+    followed = cluster.run("deploy", "log", run_id, *over)  # follows the resumed run to its end
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-3000:]
+    assert "completed" in followed.stderr
     assert_same_run(simulate(tmp_path, over), dep)

@@ -97,11 +97,11 @@ def honest(workers, config_text):
 
 
 def test_bad_replies_are_rejected_and_the_round_goes_on(tmp_path, caplog):
-    cfg, workers = setup(tmp_path, {"federation.num_clients": 4, "federation.clients_per_round": 4})
+    cfg, workers = setup(tmp_path, {"federation.num_clients": 5, "federation.clients_per_round": 5})
     text = yaml.safe_dump(to_dict(cfg))
     good = honest(workers, text)
 
-    def answer(node, message):  # 101 sends NaN, 102 claims another client's id, 103 dies (Flower's error reply)
+    def answer(node, message):  # 101: NaN, 102: another client's id, 103: dies, 104: claims 1e15 examples
         header, _ = unpack(message.content)
         if header["kind"] == "train" and node == 103:
             return Message(Error(code=0, reason="the ClientApp process was killed"), reply_to=message)
@@ -114,17 +114,22 @@ def test_bad_replies_are_rejected_and_the_round_goes_on(tmp_path, caplog):
                          delta={k: torch.full_like(v, math.nan) for k, v in state.items()})
             return reply_to(message, node, {"cid": header["cid"], "loss": 1.0, "examples": 5}, encode_update(nan))
         rh, payload = unpack(reply.content)
-        return reply_to(message, node, {**rh, "cid": 0}, payload)
+        if node == 102:
+            return reply_to(message, node, {**rh, "cid": 0}, payload)
+        inflated = Update(client_id=header["cid"], num_examples=10**15, metrics={"train_loss": 1.0},
+                          delta={k: torch.zeros_like(v) for k, v in r.server.global_state.items()})
+        return reply_to(message, node, rh, encode_update(inflated))
 
     grid = LoopbackGrid(answer, workers)
     r = build_server_run(cfg, grid)
-    r.sim.join(4, 10)
-    assert r.sim.cid_of_name == {"client-000": 0, "client-001": 1, "client-002": 2, "client-003": 3}
+    r.sim.join(5, 10)
+    assert r.sim.cid_of_name == {f"client-00{i}": i for i in range(5)}
     record = r.sim.run_round(1)
-    assert record["cohort"] == [0, 1, 2, 3] and record["accepted"] == 1
+    assert record["cohort"] == [0, 1, 2, 3, 4] and record["accepted"] == 1
     assert (record["failed"], record["dropped"]) == (1, 1)  # wrong client id; the dead node
     assert record["version"] == 1 and "aborted" not in record  # the round went on with the good update
-    assert any("non-finite" in x["reason"] or "NaN" in x["reason"] for x in r.server.rejected)
+    reasons = [x["reason"] for x in r.server.rejected]
+    assert any("NaN" in x for x in reasons) and any("claims 1000000000000000 training examples" in x for x in reasons)
     assert "reply claims client 0" in caplog.text and "the ClientApp process was killed" in caplog.text
 
 

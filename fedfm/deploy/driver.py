@@ -56,6 +56,7 @@ class Deployment:
         self.malicious: set[int] = set()  # attacks are simulated only
         self.clock = 0.0
         self.wire = {"up": 0, "down": 0}  # fedfm payload bytes in the Flower messages of train rounds
+        server.example_cap = self.rows.get  # an update may not weigh more rows than its node said it holds
 
     # -- nodes -----------------------------------------------------------------------
     def header(self, kind: str, **fields) -> dict:

@@ -255,3 +255,14 @@ def register(public_key: str | Path, superlink: str, root_certificates: str | No
         home = connection_home(Path(tmp), superlink, root_certificates, insecure)
         cmd = [flower_bin("flwr"), "supernode", "register", str(Path(public_key).resolve()), "fedfm"]
         return subprocess.call(cmd, env=flower_env(home))
+
+
+def follow(run_id: int, cfg) -> int:
+    """Stream a submitted run's log again (after ``submit --no-stream`` or a closed terminal)."""
+    d = cfg.deploy
+    with tempfile.TemporaryDirectory(prefix="fedfm-log-") as tmp:
+        env = flower_env(connection_home(Path(tmp), d.superlink, d.root_certificates, d.insecure))
+        code = subprocess.call([flower_bin("flwr"), "log", str(run_id), "fedfm", "--stream"], env=env)
+        status, details = run_status(run_id, env)
+        print(f"fedfm: run {run_id}: {status}{': ' + details if details else ''}", file=sys.stderr)
+        return code or int(not status.endswith("completed"))

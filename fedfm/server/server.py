@@ -97,6 +97,8 @@ class Server:
         self.staleness_seen: list[int] = []
         self._taus: list[int] = []
         self._stale = 0
+        # a client's most plausible example count (a deployed node's row count), or None: unbounded
+        self.example_cap: Callable[[int], int | None] | None = None
 
     # -- what clients are told -----------------------------------------------------------
     @property
@@ -224,6 +226,9 @@ class Server:
         """Why ``update`` from ``sender`` must be left out, or None (HetLoRA updates are padded here)."""
         if update.client_id != sender:
             return f"claims to be client {update.client_id}"
+        cap = self.example_cap(sender) if self.example_cap is not None else None
+        if cap is not None and update.num_examples > cap:
+            return f"claims {update.num_examples} training examples, more than the {cap} rows it holds"
         rank = self.rank_of(sender) if self.rank_of is not None else None
         if rank is not None:
             try:
