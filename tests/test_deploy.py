@@ -88,11 +88,13 @@ def wait_until(check, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def test_node_killed_mid_round_is_dropped_and_rejoins(tmp_path, cluster):
+def test_node_killed_mid_round_is_dropped_and_rejoins_under_secure_aggregation(tmp_path, cluster):
+    """The node dies after sharing its keys: its masks are recovered from the others' shares, the round goes on."""
     data = write_topic_csv(tmp_path / "topics.csv")
     address = f"127.0.0.1:{free_port()}"
     over = overrides({"data.dataset": data, "deploy.superlink": address, "deploy.insecure": True,
-                      "federation.clients_per_round": 3, "federation.rounds": 3, "deploy.round_timeout_s": 20})
+                      "federation.clients_per_round": 3, "federation.rounds": 3, "deploy.round_timeout_s": 20,
+                      "privacy.secure_aggregation.enabled": True})
     paths = node_files(tmp_path, over)
     cluster.start("superlink", "deploy", "superlink", "--address", address, "--state", "sl", "--insecure")
     cluster.wait_for("superlink", "Application startup complete")
@@ -108,7 +110,9 @@ def test_node_killed_mid_round_is_dropped_and_rejoins(tmp_path, cluster):
     assert (rows[1]["accepted"], rows[1]["dropped"]) == (3, 0)
     # the round closed without it: Flower reported the dead node (or the deadline passed)
     assert (rows[2]["accepted"], rows[2]["dropped"], rows[2]["failed"]) == (2, 1, 0)
+    assert (rows[2]["secagg_survivors"], rows[2]["secagg_dropped"], rows[2]["version"]) == (2, 1, 2)
     assert (rows[3]["accepted"], rows[3]["dropped"]) == (3, 0)  # the restarted node took its client id back
+    assert rows[3]["flower_payload_up"] == rows[3]["bytes_up_total"]
     assert "round 2: client 2 d" in cluster.log("submit") and "takes over client 2" in cluster.log("submit")
 
 

@@ -20,7 +20,7 @@ from deploy_harness import assert_same_run, node_files, overrides
 from fedfm.algorithms.base import Update
 from fedfm.compression.wire import encode_update
 from fedfm.config import load_config, to_dict
-from fedfm.deploy.messages import pack, unpack
+from fedfm.deploy.messages import pack, unpack, unpack_extra
 from fedfm.deploy.node import NodeWorker
 from fedfm.deploy.serve import build_server_run, serve
 from golden import write_topic_csv
@@ -90,7 +90,7 @@ def setup_with_overrides(tmp_path, extra, **deploy):
 def honest(workers, config_text):
     def answer(node, message):
         header, payload = unpack(message.content)
-        out_header, out = workers[node].handle({**header, "config": config_text}, payload)
+        out_header, out = workers[node].handle({**header, "config": config_text}, payload, unpack_extra(message.content))
         return reply_to(message, node, out_header, out)
 
     return answer
@@ -169,10 +169,35 @@ def test_fedbuff_through_the_grid_folds_stale_replies(tmp_path):
     {"robust.rule": "median", "federation.clients_per_round": 3},
     {"algorithm.name": "scaffold", "train.optimizer": "sgd", "train.lr": 0.05},
     {"personalization.method": "fedper"},
-], ids=["client_dp", "median", "scaffold", "fedper"])
+    {"privacy.secure_aggregation.enabled": True, "federation.clients_per_round": 3},
+    {"privacy.secure_aggregation.enabled": True, "privacy.client_dp.enabled": True, "federation.clients_per_round": 3,
+     "privacy.client_dp.noise_multiplier": 0.5, "privacy.client_dp.clip_norm": 0.5},
+], ids=["client_dp", "median", "scaffold", "fedper", "secagg", "secagg_client_dp"])
 def test_server_and_node_features_compose_as_in_simulation(tmp_path, extra):
     """Client-level DP, a robust rule, SCAFFOLD's client state, FedPer's personal head: deployed = simulated."""
     cfg, workers, over = setup_with_overrides(tmp_path, extra)
     serve(LoopbackGrid(honest(workers, yaml.safe_dump(to_dict(cfg))), workers), cfg)
     fedfm.run(None, [o for o in over if not o.startswith("out=")] + [f"out={tmp_path / 'sim'}"])
     assert_same_run(tmp_path / "sim", tmp_path / "dep")
+
+
+def test_secure_aggregation_survives_a_node_dying_after_sharing_keys(tmp_path, caplog):
+    """Node 102 answers the key stages, then dies: its masks are recovered from the others' shares."""
+    cfg, workers = setup(tmp_path, {"privacy.secure_aggregation.enabled": True})
+    good = honest(workers, yaml.safe_dump(to_dict(cfg)))
+
+    def answer(node, message):
+        header, _ = unpack(message.content)
+        if node == 102 and header["kind"] == "train":
+            return Message(Error(code=0, reason="node lost power"), reply_to=message)
+        return good(node, message)
+
+    r = build_server_run(cfg, LoopbackGrid(answer, workers))
+    r.sim.join(3, 10)
+    before = {k: v.clone() for k, v in r.server.global_state.items()}
+    record = r.sim.run_round(1)
+    assert (record["secagg_survivors"], record["secagg_dropped"], record["dropped"]) == (2, 1, 1)
+    assert record["version"] == 1 and "aborted" not in record
+    assert any(not torch.equal(before[k], v) for k, v in r.server.global_state.items())
+    assert record["flower_payload_up"] == record["bytes_up_total"]
+    assert record["flower_payload_down"] == record["bytes_down_total"]

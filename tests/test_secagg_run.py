@@ -134,7 +134,7 @@ def test_dp_summand_is_clipped_on_the_client_and_noise_added_to_the_sum():
     plain.start(_global())
     secure.start(_global())
     sr = _secure(secure, list(range(5)))
-    vec = sr.vector(ups[0])
+    vec, _ = sr.layout.vector(ups[0])
     assert abs(vec[:-2]).max() <= 1.0 + 1e-12  # divided by C: lossless fixed-point range
     assert vec[-2:].tolist() == [1.0, 0.0]  # weight 1, norm above C
     for u in ups:

@@ -15,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedfm.deploy.link import LinkError, call
-from fedfm.deploy.messages import MessageError, pack, unpack
+from fedfm.deploy.messages import MessageError, pack, unpack, unpack_extra
 
 NODE_KEY, CONFIG_KEY = "fedfm-node", "fedfm-config"
 
@@ -30,7 +30,7 @@ def forward(msg: Message, context: Context) -> Message:
             raise LinkError(f"this SuperNode has no '{NODE_KEY}' node config: start it with `fedfm deploy node`")
         header, payload = unpack(msg.content)
         header["config"] = context.run_config.get(CONFIG_KEY)
-        reply, out = call(folder, header, payload)
+        reply, out = call(folder, header, payload, unpack_extra(msg.content))
     except (LinkError, MessageError) as err:
         reply, out = {"error": str(err)}, None
     return Message(pack(reply, out), reply_to=msg)

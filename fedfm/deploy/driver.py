@@ -34,6 +34,8 @@ from flwr.app import Message
 from fedfm.deploy.messages import MessageError, pack, payload_size, unpack
 from fedfm.drivers.simulation import RoundTally, sample_from
 from fedfm.errors import FedfmError
+from fedfm.privacy.secagg_wire import pack as secagg_pack
+from fedfm.privacy.secagg_wire import unpack as secagg_unpack
 from fedfm.server.server import Server
 
 log = logging.getLogger("fedfm")
@@ -52,11 +54,16 @@ class Deployment:
         self.cid_of_name: dict[str, int] = {}
         self.node_of: dict[int, int] = {}  # client id -> its current Flower node id
         self.rows: dict[int, int] = {}  # client id -> rows its node reported
+        self.refused: set[int] = set()  # node ids that answered hello unusably or found the federation full
         self.group = None  # one server process: no simulation workers
         self.malicious: set[int] = set()  # attacks are simulated only
         self.clock = 0.0
         self.wire = {"up": 0, "down": 0}  # fedfm payload bytes in the Flower messages of train rounds
         server.example_cap = self.rows.get  # an update may not weigh more rows than its node said it holds
+        if server.secure is not None:  # the secure-aggregation protocol's stages go over the network
+            from fedfm.deploy.secure import FlowerSecAgg
+
+            server.secure_transport = FlowerSecAgg(self)
 
     # -- nodes -----------------------------------------------------------------------
     def header(self, kind: str, **fields) -> dict:
@@ -81,7 +88,7 @@ class Deployment:
 
     def register(self, timeout_s: float | None = None) -> None:
         """Greet nodes not seen before and give each a client id."""
-        known = set(self.node_of.values())
+        known = set(self.node_of.values()) | self.refused  # refused nodes are not asked again
         new = sorted(n for n in self.grid.get_node_ids() if n not in known)
         if not new:
             return
@@ -96,6 +103,7 @@ class Deployment:
             if problem is None and not (isinstance(rows, int) and not isinstance(rows, bool) and rows > 0):
                 problem = f"invalid row count {rows!r}"
             if problem is not None:
+                self.refused.add(node)
                 log.warning("node %d refused: %s", node, problem)
                 return
             answers[node] = (name, rows)
@@ -111,6 +119,7 @@ class Deployment:
             log.warning("node %d (%s) takes over client %d from node %d", node, name, cid, self.node_of[cid])
         if cid is None:
             if len(self.cid_of_name) >= self.cfg.federation.num_clients:
+                self.refused.add(node)
                 log.warning("node %d (%s) refused: the federation is full (federation.num_clients=%d)",
                             node, name, self.cfg.federation.num_clients)
                 return
@@ -144,11 +153,15 @@ class Deployment:
         t0 = time.perf_counter()
         self.register(timeout_s=min(30.0, self.cfg.deploy.round_timeout_s))
         server, cohort = self.server, self.cohort(round_idx)
-        server.open_round(round_idx, cohort)
+        server.open_round(round_idx, cohort)  # under secure aggregation: the key agreement, over the network
         tally, failed, dead = RoundTally(), [], []
         timeout = self.cfg.deploy.round_timeout_s
-        messages = {c: self.message(self.header("train", round=round_idx, cid=c), server.broadcast(c),
-                                     self.node_of[c], "train", timeout) for c in cohort}
+        session = server.session
+        targets = cohort if session is None else ([] if server.aborted else session.expected)
+        messages = {c: self.message(self.header("train", round=round_idx, cid=c, secure=session is not None),
+                                    server.broadcast(c), self.node_of[c], "train", timeout,
+                                    extra=None if session is None else secagg_pack(session.share_message(c)))
+                    for c in targets}
         self.wire["down"] += sum(payload_size(m) for m in messages.values())
 
         def on_reply(cid: int, reply: Message) -> None:
@@ -195,13 +208,34 @@ class Deployment:
             self.server.forget(cid)
             log.warning("%s: client %d failed: %s", where, cid, problem)
             return "failed", header
+        if header.get("withheld"):  # secure aggregation: it found its own update unfit and sent nothing
+            self.server.reject(cid, f"withheld: {header['withheld']}")
+            return "rejected", header
         if payload is None:
             self.server.forget(cid)
             return "sat_out", header
+        if header.get("masked") and self.server.session is not None:
+            return self._masked(cid, header, payload, where), header
         return ("folded" if self.server.receive(payload, cid) else "rejected"), header
 
-    def message(self, header: dict, payload: bytes | None, node: int, kind: str, ttl: float | None) -> Message:
-        return Message(pack(header, payload), dst_node_id=node, message_type=kind, ttl=ttl)
+    def _masked(self, cid: int, header: dict, payload: bytes, where: str) -> str:
+        """A masked summand for the round's secure sum (its own client's, well formed) or ``failed``."""
+        try:
+            msg = secagg_unpack(payload)
+        except ValueError as err:
+            msg, problem = None, str(err)
+        else:
+            problem = None if msg.get("id") == cid else f"a masked input of client {msg.get('id')!r}"
+        if problem is not None:
+            log.warning("%s: client %d failed: %s", where, cid, problem)
+            return "failed"
+        clipped = header.get("clipped", 0)
+        self.server.session.add_masked(cid, msg, clipped if isinstance(clipped, int) and clipped >= 0 else 0)
+        return "folded"
+
+    def message(self, header: dict, payload: bytes | None, node: int, kind: str, ttl: float | None,
+                extra: bytes | None = None) -> Message:
+        return Message(pack(header, payload, extra), dst_node_id=node, message_type=kind, ttl=ttl)
 
     def reply_problem(self, reply: Message, node: int) -> tuple[str | None, dict, bytes | None]:
         """``(why reply cannot be used or None, its header, its payload)``; ``reply`` is expected from ``node``."""

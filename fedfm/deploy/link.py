@@ -30,32 +30,36 @@ class LinkError(RuntimeError):
     """The node's worker cannot be reached or broke the protocol."""
 
 
-def send(conn: Connection, header: dict, payload: bytes | None) -> None:
+def send(conn: Connection, header: dict, payload: bytes | None, extra: bytes | None = None) -> None:
     conn.send_bytes(json.dumps(header).encode())
     conn.send_bytes(payload or b"")
+    conn.send_bytes(extra or b"")
 
 
-def receive(conn: Connection) -> tuple[dict, bytes | None]:
+def receive(conn: Connection) -> tuple[dict, bytes | None, bytes | None]:
     header = json.loads(conn.recv_bytes(1 << 20).decode())
     payload = conn.recv_bytes(MAX_FRAME)
+    extra = conn.recv_bytes(MAX_FRAME)
     if not isinstance(header, dict):
         raise LinkError("the worker link carried a header that is not a JSON object")
-    return header, (payload or None)
+    return header, (payload or None), (extra or None)
 
 
-def call(folder: str | Path, header: dict, payload: bytes | None = None, timeout_s: float = 5.0) -> tuple[dict, bytes | None]:
-    """Send one request to the worker serving ``folder`` and wait for its reply."""
+def call(folder: str | Path, header: dict, payload: bytes | None = None,
+         extra: bytes | None = None) -> tuple[dict, bytes | None]:
+    """Send one request to the worker serving ``folder`` and wait for its reply ``(header, payload)``."""
     folder = Path(folder)
     try:
         key = (folder / KEY).read_bytes()
         with Client(str(folder / SOCKET), family="AF_UNIX", authkey=key) as conn:
-            send(conn, header, payload)
-            return receive(conn)
+            send(conn, header, payload, extra)
+            reply, out, _ = receive(conn)
+            return reply, out
     except (OSError, EOFError, ValueError) as err:
         raise LinkError(f"cannot reach the fedfm node worker in {folder}: {type(err).__name__}: {err}") from None
 
 
-def serve(folder: str | Path, handle: Callable[[dict, bytes | None], tuple[dict, bytes | None]],
+def serve(folder: str | Path, handle: Callable[..., tuple[dict, bytes | None]],
           stop: Callable[[], bool] = lambda: False) -> None:
     """Answer requests one after another with ``handle`` until ``stop()`` (checked between requests)."""
     folder = Path(folder)
@@ -77,7 +81,7 @@ def serve(folder: str | Path, handle: Callable[[dict, bytes | None], tuple[dict,
                 continue
             with conn:
                 try:
-                    header, payload = receive(conn)
-                    send(conn, *handle(header, payload))
+                    header, payload, extra = receive(conn)
+                    send(conn, *handle(header, payload, extra))
                 except (OSError, EOFError, ValueError, LinkError) as err:
                     print(f"fedfm node: dropped a request: {type(err).__name__}: {err}", flush=True)

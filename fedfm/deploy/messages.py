@@ -8,7 +8,9 @@ A message's content is a Flower ``RecordDict`` with two records:
   message (:mod:`fedfm.compression.wire`, safetensors bytes with the codecs
   applied) as one flat ``uint8`` array, so Flower chunks it like any array
   (no message-size limit) and the bytes that cross the network are exactly the
-  bytes the server's ledger counts.
+  bytes the server's ledger counts;
+* ``"extra"`` (the same, optional): a second message that travels with it
+  (the secure-aggregation shares a client needs to mask its update).
 
 Nothing here trusts its input: a malformed record is a :class:`MessageError`
 (one line), never an exception from deep inside numpy or json. Light on
@@ -22,7 +24,7 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-HEADER, PAYLOAD = "fedfm", "payload"
+HEADER, PAYLOAD, EXTRA = "fedfm", "payload", "extra"
 MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes; refuse anything absurd
 
 
@@ -30,11 +32,12 @@ class MessageError(ValueError):
     """A Flower message that is not a well-formed fedfm message."""
 
 
-def pack(header: dict, payload: bytes | None = None) -> RecordDict:
-    """``header`` (JSON-able) and an optional payload as a message's content."""
+def pack(header: dict, payload: bytes | None = None, extra: bytes | None = None) -> RecordDict:
+    """``header`` (JSON-able) and optional payloads as a message's content."""
     records = {HEADER: ConfigRecord({"header": json.dumps(header)})}
-    if payload is not None:
-        records[PAYLOAD] = ArrayRecord({"bytes": Array(np.frombuffer(payload, dtype=np.uint8).copy())})
+    for name, data in ((PAYLOAD, payload), (EXTRA, extra)):
+        if data is not None:
+            records[name] = ArrayRecord({"bytes": Array(np.frombuffer(data, dtype=np.uint8).copy())})
     return RecordDict(records)
 
 
@@ -52,19 +55,29 @@ def unpack(content: RecordDict) -> tuple[dict, bytes | None]:
         raise MessageError(f"the fedfm header is not JSON: {err}") from None
     if not isinstance(header, dict):
         raise MessageError("the fedfm header is not a JSON object")
-    if PAYLOAD not in content.array_records:
-        return header, None
-    record = content.array_records[PAYLOAD]
+    return header, _bytes(content, PAYLOAD)
+
+
+def unpack_extra(content: RecordDict) -> bytes | None:
+    """The second payload of a message's content, or None."""
+    return _bytes(content, EXTRA)
+
+
+def _bytes(content: RecordDict, name: str) -> bytes | None:
+    if name not in content.array_records:
+        return None
+    record = content.array_records[name]
     if list(record.keys()) != ["bytes"]:
-        raise MessageError(f"the payload record holds {list(record.keys())}, expected one 'bytes' array")
+        raise MessageError(f"the {name} record holds {list(record.keys())}, expected one 'bytes' array")
     array = record["bytes"]
     if array.dtype != "uint8" or len(array.shape) != 1:
-        raise MessageError(f"the payload is a {array.dtype} array of shape {array.shape}, expected flat uint8")
-    return header, array.numpy().tobytes()
+        raise MessageError(f"the {name} is a {array.dtype} array of shape {array.shape}, expected flat uint8")
+    return array.numpy().tobytes()
 
 
 def payload_size(message) -> int:
     """Bytes of fedfm payload in a Flower message (0 without one, e.g. Flower's error reply for a dead node)."""
-    if not message.has_content() or PAYLOAD not in message.content.array_records:
+    if not message.has_content():
         return 0
-    return int(np.prod(message.content.array_records[PAYLOAD]["bytes"].shape))
+    records = message.content.array_records
+    return sum(int(np.prod(records[n]["bytes"].shape)) for n in (PAYLOAD, EXTRA) if n in records)

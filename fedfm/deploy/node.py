@@ -8,7 +8,9 @@ SuperNode. It answers the requests the per-message ClientApp forwards
   (counts only: no row, label or statistic leaves the node);
 * ``train`` — one round: decode the server's broadcast, train on the node's
   own data, encode the update (:class:`fedfm.client.client.ClientApp`, the
-  same code a simulation runs).
+  same code a simulation runs); under secure aggregation, mask it instead;
+* ``secagg`` — a stage of the secure-aggregation protocol (keys, shares,
+  unmask; :mod:`fedfm.privacy.secagg`), the client kept here between stages.
 
 The first ``train`` of a run builds the client side from the run's config
 (sent by the server with every message): the model (frozen base + trainable
@@ -43,8 +45,31 @@ class NodeSession:
     """The client side of one run on this node."""
 
     key: str  # sha256 of the run's config text and the client id the server gave this node
+    cfg: object  # the run's RunConfig
     app: object  # fedfm.client.client.ClientApp
     client: object  # fedfm.client.data.Client
+    fold: object  # the run's server fold, as composed on the server: the shape of a secure summand
+
+
+class NodeMasking:
+    """What :meth:`fedfm.client.client.ClientApp.fit` masks through under secure aggregation, on a node.
+
+    ``submit`` turns the checked update into its summand vector and masks it
+    with the round's shares; ``withheld`` keeps the reason the client kept it back.
+    """
+
+    def __init__(self, client, shares: dict, layout) -> None:
+        self.client, self.shares, self.layout = client, shares, layout
+        self.masked: dict | None = None
+        self.clipped = 0
+        self.reason: str | None = None
+
+    def submit(self, update) -> None:
+        vector, self.clipped = self.layout.vector(update)
+        self.masked = self.client.masked_input(self.shares, vector)
+
+    def withheld(self, cid: int, reason: str) -> None:
+        self.reason = reason
 
 
 class NodeWorker:
@@ -57,16 +82,19 @@ class NodeWorker:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.threads = threads
         self.session: NodeSession | None = None
+        self.secagg_client = None  # (round, client id, SecAggClient) of the secure round in progress
         self._rows: int | None = None
 
-    def handle(self, header: dict, payload: bytes | None) -> tuple[dict, bytes | None]:
+    def handle(self, header: dict, payload: bytes | None, extra: bytes | None = None) -> tuple[dict, bytes | None]:
         """One request -> one reply; every failure is a reply with an ``error`` line, never a crash."""
         try:
             kind = header.get("kind")
             if kind == "hello":
                 return self.hello(header), None
             if kind == "train":
-                return self.train(header, payload)
+                return self.train(header, payload, extra)
+            if kind == "secagg":
+                return self.secagg(header, payload)
             return {"error": f"unknown request kind {kind!r}"}, None
         except FedfmError as err:
             log.error("node %s: %s", self.name, err)
@@ -81,16 +109,63 @@ class NodeWorker:
             self._rows = len(_local_dataset(cfg, self.data_path, None).texts)
         return {"name": self.name, "rows": self._rows}
 
-    def train(self, header: dict, payload: bytes | None) -> tuple[dict, bytes | None]:
+    def train(self, header: dict, payload: bytes | None, extra: bytes | None = None) -> tuple[dict, bytes | None]:
         if payload is None:
             raise FedfmError("a train request without the server's broadcast")
         round_idx, cid = _int(header, "round"), _int(header, "cid")
         session = self._session(header, cid)
-        reply = session.app.fit(session.client, payload, round_idx)
+        secure = self._masking(session, cid, round_idx, payload, extra) if header.get("secure") else None
+        reply = session.app.fit(session.client, payload, round_idx, secure=secure)
         self._save_state(session)
+        facts = {"cid": cid, "loss": reply.loss, "examples": reply.examples, "steps": reply.steps}
+        if reply.masked:  # only the masked summand leaves the node
+            from fedfm.privacy.secagg_wire import pack
+
+            return {**facts, "masked": True, "clipped": secure.clipped}, pack(secure.masked)
+        if reply.withheld:
+            return {"cid": cid, "withheld": secure.reason}, None
         if reply.sat_out:
             return {"sat_out": True, "cid": cid}, None
-        return {"cid": cid, "loss": reply.loss, "examples": reply.examples, "steps": reply.steps}, reply.payload
+        return facts, reply.payload
+
+    # -- secure aggregation (fedfm.privacy.secagg): this node's client of the round's protocol ----------
+    def secagg(self, header: dict, payload: bytes | None) -> tuple[dict, bytes]:
+        """One protocol stage: ``keys`` (a new round's set-up), ``shares`` or ``unmask``."""
+        from fedfm.privacy.secagg import SecAggClient
+        from fedfm.privacy.secagg_wire import pack, unpack
+
+        stage, cid, round_idx = header.get("stage"), _int(header, "cid"), _int(header, "round")
+        if payload is None:
+            raise FedfmError(f"secure aggregation stage {stage!r} without its message")
+        msg = unpack(payload)
+        if stage == "keys":
+            self.secagg_client = (round_idx, cid, SecAggClient(cid, msg))
+            return {"cid": cid}, pack(self.secagg_client[2].advertise_keys())
+        client = self._secagg_client(cid, round_idx)
+        if stage == "shares":
+            return {"cid": cid}, pack(client.share_keys(msg))
+        if stage == "unmask":
+            self.secagg_client = None  # one round only
+            return {"cid": cid}, pack(client.unmask(msg))
+        raise FedfmError(f"unknown secure aggregation stage {stage!r}")
+
+    def _secagg_client(self, cid: int, round_idx: int):
+        held = self.secagg_client
+        if held is None or held[:2] != (round_idx, cid):
+            raise FedfmError(f"no secure aggregation session of client {cid} in round {round_idx} on this node")
+        return held[2]
+
+    def _masking(self, session: NodeSession, cid: int, round_idx: int, payload: bytes, extra: bytes | None):
+        from fedfm.privacy.secagg_wire import unpack
+        from fedfm.server.secure import SummandLayout
+
+        if extra is None:
+            raise FedfmError("a secure round's train request without this client's shares")
+        cfg = session.cfg.privacy.secure_aggregation
+        broadcast = session.app.wire.decode_broadcast(payload)
+        session.fold.start(broadcast.state, broadcast.version)  # the summand is taken against the round's state
+        layout = SummandLayout(session.fold, broadcast.state, cfg.clip_range, cfg.max_weight)
+        return NodeMasking(self._secagg_client(cid, round_idx), unpack(extra), layout)
 
     # -- the client side of a run -----------------------------------------------------
     def _session(self, header: dict, cid: int) -> NodeSession:
@@ -104,7 +179,6 @@ class NodeWorker:
     def _build(self, cfg, cid: int, labels, key: str) -> NodeSession:
         import torch
 
-        from fedfm.algorithms.registry import build_algorithm
         from fedfm.build import client_trainer, seed_everything
         from fedfm.client.client import ClientApp
         from fedfm.client.data import Client
@@ -114,6 +188,7 @@ class NodeWorker:
         from fedfm.data.partition import split_client
         from fedfm.drivers.devices import Fleet
         from fedfm.models import build_model, resolve_device
+        from fedfm.server.compose import build_algorithm_fold
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -127,11 +202,12 @@ class NodeWorker:
         enc = encode(ds.texts, fm.tokenizer, cfg.model.max_length, ds.labels if cfg.model.task == "seq_cls" else None)
         fleet = Fleet(DevicesConfig(), 1, cfg.seed, footprint_mb=0.0)  # a real device: no simulated profile
         trainer, _, _ = client_trainer(cfg, fm, enc, None, fleet)
-        algorithm = build_algorithm(cfg.algorithm, num_clients=cfg.federation.num_clients)
+        algorithm, _ = build_algorithm_fold(cfg, cfg.federation.num_clients)  # client hooks; the fold's summand
         train, test = split_client(np.arange(len(ds.texts)), cfg.data.client_test_fraction,
                                    seed=cfg.seed * 1_000_003 + cid)  # the split a simulated client cid gets
         client = Client(cid=cid, train_idx=train, test_idx=test)
-        session = NodeSession(key, ClientApp(trainer, algorithm, Wire(cfg.compression, cfg.seed)), client)
+        session = NodeSession(key, cfg, ClientApp(trainer, algorithm, Wire(cfg.compression, cfg.seed)), client,
+                              algorithm.fold)
         self._load_state(session)
         log.info("node %s: built client %d of run %s (%d train / %d test rows)", self.name, cid, cfg.name,
                  len(train), len(test))

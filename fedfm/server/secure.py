@@ -51,6 +51,61 @@ def default_threshold(cohort: list[int], degree: int | None, round_seed: bytes) 
     return smallest // 2 + 1
 
 
+class SummandLayout:
+    """How a client's summand becomes the flat vector the protocol masks (computed on the client).
+
+    The trainable state's float tensors in the global state's order, then the
+    fold's scalars; tensors divided by their public range so every coordinate
+    of an unclipped summand lies in [-1, 1].
+    """
+
+    def __init__(self, fold: ServerFold, global_state: Mapping[str, torch.Tensor], clip_range: float,
+                 max_weight: float) -> None:
+        self.fold, self.max_weight = fold, max_weight
+        self.keys = [k for k, v in global_state.items() if v.is_floating_point()]
+        self.shapes = {k: global_state[k].shape for k in self.keys}
+        self.scale, n_scalars = fold.summand_layout(clip_range)
+        self.dim = sum(math.prod(s) for s in self.shapes.values()) + n_scalars
+
+    def vector(self, update: Update) -> tuple[np.ndarray, int]:
+        """``(the flattened, range-scaled summand (float64), how many coordinates fall outside [-1, 1])``."""
+        tensors, scalars = self.fold.summand(update, self.max_weight)
+        parts = [tensors[k].reshape(-1).cpu().numpy() / self.scale for k in self.keys]
+        vec = np.concatenate(parts + [np.asarray(scalars, dtype=np.float64)])
+        return vec, int(np.count_nonzero(np.abs(vec) > 1.0))
+
+    def tensors(self, flat: np.ndarray) -> tuple["OrderedDict[str, torch.Tensor]", list[float]]:
+        """The inverse of :meth:`vector` for the unmasked sum: ``(tensors, scalars)``."""
+        tensors, offset = OrderedDict(), 0
+        for k in self.keys:
+            size = math.prod(self.shapes[k])
+            tensors[k] = torch.from_numpy(flat[offset : offset + size] * self.scale).reshape(self.shapes[k])
+            offset += size
+        return tensors, [float(x) for x in flat[offset:]]
+
+
+class InProcessClients:
+    """The cohort's side of the protocol in this process (a simulation): one SecAggClient per client.
+
+    A deployment replaces it with a transport over the network
+    (:class:`fedfm.deploy.secure.FlowerSecAgg`) with the same ``exchange``.
+    """
+
+    def __init__(self) -> None:
+        self.clients: dict[int, SecAggClient] = {}
+
+    def exchange(self, stage: str, msgs: Mapping[int, dict]) -> dict[int, dict]:
+        """Deliver one stage's message to each client; their replies (``keys``, ``shares`` or ``unmask``)."""
+        if stage == "keys":
+            self.clients = {c: SecAggClient(c, m) for c, m in msgs.items()}
+            return {c: cl.advertise_keys() for c, cl in self.clients.items()}
+        step = {"shares": SecAggClient.share_keys, "unmask": SecAggClient.unmask}[stage]
+        return {c: step(self.clients[c], m) for c, m in msgs.items()}
+
+    def mask(self, cid: int, msg: dict, vector: np.ndarray) -> dict:
+        return self.clients[cid].masked_input(msg, vector)
+
+
 class SecureRound:
     """Key set-up for a cohort, then masked summands, then the unmasked sum.
 
@@ -62,6 +117,7 @@ class SecureRound:
         threshold, neighbours, bits, clip_range, max_weight: see
             :class:`fedfm.config.schema.SecureAggregationConfig`.
         round_seed: public per-round seed (fixes the SecAgg+ graph).
+        transport: how messages reach the clients (None: :class:`InProcessClients`).
     """
 
     def __init__(
@@ -78,32 +134,33 @@ class SecureRound:
         max_weight: float,
         round_seed: bytes,
         on_withheld=None,
+        transport=None,
     ) -> None:
         self.on_withheld = on_withheld  # (cid, reason): a client that checked its update and kept it back
         self.submitted = 0  # masked summands received
         self.fold = fold
         self.ledger = ledger
-        self.max_weight = max_weight
-        self.keys = [k for k, v in global_state.items() if v.is_floating_point()]
-        self.shapes = {k: global_state[k].shape for k in self.keys}
-        self.scale, n_scalars = fold.summand_layout(clip_range)
-        self.dim = sum(math.prod(s) for s in self.shapes.values()) + n_scalars
+        self.layout = SummandLayout(fold, global_state, clip_range, max_weight)
         n = len(cohort)
         degree = None if neighbours is None or neighbours >= n - 1 else neighbours
         t = threshold if threshold is not None else default_threshold(cohort, degree, round_seed)
         quantizer = Quantizer.for_clients(n, 1.0) if bits is None else Quantizer(clip=1.0, bits=bits)
-        self.server = SecAggServer(cohort, t, self.dim, degree, quantizer, round_seed)
+        self.server = SecAggServer(cohort, t, self.layout.dim, degree, quantizer, round_seed)
         self.threshold = t
         self.quantizer = quantizer
+        self.transport = transport if transport is not None else InProcessClients()
         setup = self.server.setup_message()
-        self.clients = {c: SecAggClient(c, self._down(c, setup)) for c in cohort}
-        to = self.server.on_keys([self._up(c, cl.advertise_keys()) for c, cl in self.clients.items()])
-        to = self.server.on_shares([self._up(c, self.clients[c].share_keys(self._down(c, m))) for c, m in to.items()])
-        self._share_msgs = to
+        keys = self._exchange("keys", {c: setup for c in cohort})
+        self._share_msgs = self.server.on_shares(self._exchange("shares", self.server.on_keys(keys)))
         self._masked: list[dict] = []
         self.clipped = 0  # summand coordinates outside the public range [-R, R], clipped before masking
 
     # -- messages -------------------------------------------------------------
+    def _exchange(self, stage: str, msgs: Mapping[int, dict]) -> list[dict]:
+        """One stage: each message down, the replies up (both counted in the ledger)."""
+        replies = self.transport.exchange(stage, {c: self._down(c, m) for c, m in msgs.items()})
+        return [self._up(c, m) for c, m in replies.items()]
+
     def _up(self, cid: int, msg: dict) -> dict:
         payload = pack(msg)
         self.ledger.record(cid, "up", len(payload))
@@ -115,19 +172,26 @@ class SecureRound:
         return unpack(payload)
 
     # -- client side ------------------------------------------------------------
-    def vector(self, update: Update) -> np.ndarray:
-        """The client's flattened, range-scaled summand (float64)."""
-        tensors, scalars = self.fold.summand(update, self.max_weight)
-        parts = [tensors[k].reshape(-1).cpu().numpy() / self.scale for k in self.keys]
-        vec = np.concatenate(parts + [np.asarray(scalars, dtype=np.float64)])
-        self.clipped += int(np.count_nonzero(np.abs(vec) > 1.0))  # counted on the client; a diagnostic
-        return vec
+    @property
+    def expected(self) -> list[int]:
+        """The clients whose keys and shares went through: those asked for a masked summand."""
+        return sorted(self._share_msgs)
+
+    def share_message(self, cid: int) -> dict:
+        """The shares ``cid`` needs for its masked input (counted as sent; a deployment ships it with the broadcast)."""
+        return self._down(cid, self._share_msgs[cid])
 
     def submit(self, update: Update) -> None:
-        """Client ``update.client_id`` masks and uploads its summand."""
+        """Client ``update.client_id`` masks and uploads its summand (in this process)."""
         cid = update.client_id
-        msg = self._down(cid, self._share_msgs[cid])
-        self._masked.append(self._up(cid, self.clients[cid].masked_input(msg, self.vector(update))))
+        vector, clipped = self.layout.vector(update)
+        self.clipped += clipped  # counted on the client; a diagnostic
+        self.add_masked(cid, self.transport.mask(cid, self.share_message(cid), vector))
+
+    def add_masked(self, cid: int, msg: dict, clipped: int = 0) -> None:
+        """Take client ``cid``'s masked summand (from :meth:`submit` or from the network)."""
+        self._masked.append(self._up(cid, msg))
+        self.clipped += clipped
         self.submitted += 1
 
     def withheld(self, cid: int, reason: str) -> None:
@@ -138,16 +202,9 @@ class SecureRound:
     # -- server side --------------------------------------------------------------
     def finish(self) -> dict:
         """Unmask the survivors' sum and hand it to the fold; returns the round's secagg stats."""
-        to = self.server.on_masked(self._masked)
-        msgs = [self._up(c, self.clients[c].unmask(self._down(c, m))) for c, m in to.items()]
-        result = self.server.on_unmask(msgs)
-        flat = result.sum
-        tensors, offset = OrderedDict(), 0
-        for k in self.keys:
-            size = math.prod(self.shapes[k])
-            tensors[k] = torch.from_numpy(flat[offset : offset + size] * self.scale).reshape(self.shapes[k])
-            offset += size
-        self.fold.absorb_sum(tensors, [float(x) for x in flat[offset:]], result.count)
+        result = self.server.on_unmask(self._exchange("unmask", self.server.on_masked(self._masked)))
+        tensors, scalars = self.layout.tensors(result.sum)
+        self.fold.absorb_sum(tensors, scalars, result.count)
         if self.clipped:
             log.warning("secure aggregation: %d summand coordinates were outside the range R and clipped "
                         "(raise privacy.secure_aggregation.clip_range)", self.clipped)
@@ -160,4 +217,4 @@ class SecureRound:
         }
 
 
-__all__ = ["SecureRound", "default_threshold"]
+__all__ = ["InProcessClients", "SecureRound", "SummandLayout", "default_threshold"]

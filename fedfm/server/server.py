@@ -99,6 +99,7 @@ class Server:
         self._stale = 0
         # a client's most plausible example count (a deployed node's row count), or None: unbounded
         self.example_cap: Callable[[int], int | None] | None = None
+        self.secure_transport = None  # how secure-aggregation messages reach clients (None: in this process)
 
     # -- what clients are told -----------------------------------------------------------
     @property
@@ -275,7 +276,7 @@ class Server:
             cohort, self.algorithm.fold, self.global_state, self.ledger,
             threshold=cfg.threshold, neighbours=cfg.neighbours, bits=cfg.bits, clip_range=cfg.clip_range,
             max_weight=cfg.max_weight, round_seed=derive_seed(self.seed, round_idx, 0x5EC).to_bytes(8, "little"),
-            on_withheld=self.reject,
+            on_withheld=self.reject, transport=self.secure_transport,
         )
 
     # -- the byte ledger, and the other simulation workers' share of a round -----------------
