@@ -6,8 +6,10 @@ its own :class:`~fedfm.server.server.Server` and
 :class:`~fedfm.client.client.ClientApp` unchanged:
 
 * :mod:`fedfm.deploy.server_app` — the Flower ServerApp: builds the server side
-  of a run from the submitted config and drives it through Flower's Grid
-  (:mod:`fedfm.deploy.driver`), writing the same run folder as ``fedfm run``;
+  of a run from the submitted config (:mod:`fedfm.deploy.serve`) and drives it
+  through Flower's Grid (:mod:`fedfm.deploy.driver`; FedBuff/FedAsync in
+  :mod:`fedfm.deploy.asynchronous`; secure aggregation's stages in
+  :mod:`fedfm.deploy.secure`), writing the same run folder as ``fedfm run``;
 * :mod:`fedfm.deploy.client_app` — the Flower ClientApp: a thin forwarder that
   Flower starts for every message; it hands the message to the node's
   resident worker (:mod:`fedfm.deploy.node`), which keeps the foundation
