@@ -28,11 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from deploy_harness import Cluster, free_port, node_files  # noqa: E402
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from deploy_harness import Cluster, free_port, node_files, records  # noqa: E402
 
 
 def timing(run_dir: Path, wall: float) -> dict:

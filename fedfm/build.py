@@ -114,10 +114,15 @@ def build_clients(cfg: RunConfig, ds, holdout=None) -> tuple[np.ndarray, list[Cl
         clients.append(Client(cid=cid, train_idx=train, test_idx=test))
     num_classes = None if ds.label_names is None else len(ds.label_names)
     stats = partition_stats([c.train_idx for c in clients], ds.labels, num_classes)
+    return limit_test(cfg, test_idx), clients, stats
+
+
+def limit_test(cfg: RunConfig, test_idx: np.ndarray) -> np.ndarray:
+    """At most ``eval.max_test_examples`` of the global test set, drawn with the run seed."""
     if cfg.eval.max_test_examples is not None and len(test_idx) > cfg.eval.max_test_examples:
         rng = np.random.default_rng(cfg.seed)
         test_idx = np.sort(rng.choice(test_idx, cfg.eval.max_test_examples, replace=False))
-    return test_idx, clients, stats
+    return test_idx
 
 
 def start_run(cfg: RunConfig, data=None):

@@ -74,19 +74,27 @@ def clients_section(clients):
     return write, load
 
 
-def pack_client_states(clients) -> bytes:
-    """The private state of ``clients`` as one safetensors blob (multi-process simulation hands it on)."""
+def pack_client_states(clients, metadata: dict[str, str] | None = None) -> bytes:
+    """The private state of ``clients`` as one safetensors blob (multi-process simulation hands it on).
+
+    ``metadata``: more string entries for the blob's header (read back with :func:`blob_metadata`).
+    """
     tensors: dict[str, torch.Tensor] = {}
     orders: dict[str, list[str]] = {}
     meta = client_states(clients, tensors, orders)
     tensors.setdefault("_", torch.zeros(0))  # safetensors wants at least one tensor
-    return st_save(tensors, metadata={"clients": json.dumps(meta), "orders": json.dumps(orders)})
+    return st_save(tensors, metadata={**(metadata or {}), "clients": json.dumps(meta), "orders": json.dumps(orders)})
+
+
+def blob_metadata(blob: bytes) -> dict[str, str]:
+    """The header metadata of a safetensors blob (without reading its tensors)."""
+    return json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")]).get("__metadata__", {})
 
 
 def unpack_client_states(clients, blob: bytes) -> None:
     """Replace the state of every client named in ``blob`` (others are untouched)."""
     tensors = st_load(blob)
-    info = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])["__metadata__"]
+    info = blob_metadata(blob)
     meta, orders = json.loads(info["clients"]), json.loads(info["orders"])
     by_id = {c.cid: c for c in clients}
     for cid in meta:

@@ -26,6 +26,7 @@ import numpy as np
 
 from fedfm.deploy.driver import POLL_S, Deployment
 from fedfm.deploy.messages import payload_size
+from fedfm.drivers.asynchronous import async_summary
 from fedfm.seeds import derive_seed
 
 log = logging.getLogger("fedfm")
@@ -120,7 +121,4 @@ class AsyncDeployment:
         self.started = int(meta["started"])
 
     def summary(self) -> dict:
-        taus = self.d.server.staleness_seen
-        return {"method": self.cfg.method, "buffer_size": self.buffer_size, "concurrency": self.cfg.concurrency,
-                "staleness": self.cfg.staleness, "staleness_mean": float(np.mean(taus)) if taus else 0.0,
-                "staleness_max": int(max(taus, default=0)), "clients_started": self.started}
+        return async_summary(self.cfg, self.buffer_size, self.d.server, self.started)

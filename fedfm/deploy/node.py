@@ -83,7 +83,7 @@ class NodeWorker:
         self.threads = threads
         self.session: NodeSession | None = None
         self.secagg_client = None  # (round, client id, SecAggClient) of the secure round in progress
-        self._rows: int | None = None
+        self._data: tuple[str, object] | None = None  # (the run's data settings, this node's rows as read)
 
     def handle(self, header: dict, payload: bytes | None, extra: bytes | None = None) -> tuple[dict, bytes | None]:
         """One request -> one reply; every failure is a reply with an ``error`` line, never a crash."""
@@ -104,10 +104,14 @@ class NodeWorker:
             return {"error": f"{type(err).__name__}: {err}".splitlines()[0]}, None
 
     def hello(self, header: dict) -> dict:
-        cfg = _config(header)
-        if self._rows is None:
-            self._rows = len(_local_dataset(cfg, self.data_path, None).texts)
-        return {"name": self.name, "rows": self._rows}
+        return {"name": self.name, "rows": len(self._read(_config(header)).texts)}
+
+    def _read(self, cfg):
+        """This node's rows read with the run's columns (read once per data settings)."""
+        key = cfg.data.model_dump_json() + cfg.model.task
+        if self._data is None or self._data[0] != key:
+            self._data = (key, _local_dataset(cfg, self.data_path))
+        return self._data[1]
 
     def train(self, header: dict, payload: bytes | None, extra: bytes | None = None) -> tuple[dict, bytes | None]:
         if payload is None:
@@ -196,7 +200,9 @@ class NodeWorker:
             torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
-        ds = _local_dataset(cfg, self.data_path, labels)
+        ds = self._read(cfg)
+        if cfg.model.task == "seq_cls":
+            ds = _with_labels(ds, labels, self.data_path)
         num_labels = len(labels) if cfg.model.task == "seq_cls" else None
         fm = build_model(cfg.model, num_labels, seed=cfg.seed, device=device)
         enc = encode(ds.texts, fm.tokenizer, cfg.model.max_length, ds.labels if cfg.model.task == "seq_cls" else None)
@@ -214,37 +220,21 @@ class NodeWorker:
         return session
 
     def _load_state(self, session: NodeSession) -> None:
+        from fedfm.client.state import blob_metadata, unpack_client_states
+
         path = self.state_dir / STATE_FILE
         if not path.is_file():
             return
-        from safetensors import safe_open
-
-        from fedfm.client.state import unpack_client_states
-
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("session") != session.key:
-                return  # another run's (or another client id's) state
         blob = path.read_bytes()
-        unpack_client_states([session.client], blob)
+        if blob_metadata(blob).get("session") == session.key:  # not another run's (or client id's) state
+            unpack_client_states([session.client], blob)
 
     def _save_state(self, session: NodeSession) -> None:
-        from safetensors.torch import load, save
-
         from fedfm.client.state import pack_client_states
 
-        blob = pack_client_states([session.client])
-        tensors = load(blob)
-        info = _metadata(blob)
-        info["session"] = session.key
         tmp = self.state_dir / (STATE_FILE + ".tmp")
-        tmp.write_bytes(save(tensors, metadata=info))
+        tmp.write_bytes(pack_client_states([session.client], metadata={"session": session.key}))
         tmp.replace(self.state_dir / STATE_FILE)  # atomic: a kill never leaves half a state
-
-
-def _metadata(blob: bytes) -> dict:
-    import json
-
-    return dict(json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")]).get("__metadata__", {}))
 
 
 def _config(header: dict):
@@ -263,13 +253,19 @@ def _int(header: dict, key: str) -> int:
     return value
 
 
-def _local_dataset(cfg, path: Path, labels):
-    """This node's rows, read with the run's columns; label ids follow the server's ``labels``."""
+def _local_dataset(cfg, path: Path):
+    """This node's rows, read with the run's columns (label ids in its own sorted order)."""
     from fedfm.data.sources import load_text_dataset
 
     data = cfg.data.model_copy(update={"dataset": str(path), "group_column": None, "max_examples": None})
-    ds = load_text_dataset(data, cfg.model.task, seed=cfg.seed)
-    if cfg.model.task != "seq_cls" or labels is None:
+    return load_text_dataset(data, cfg.model.task, seed=cfg.seed)
+
+
+def _with_labels(ds, labels, path: Path):
+    """``ds`` with label ids that follow the server's ``labels`` (so every node encodes them alike)."""
+    from dataclasses import replace
+
+    if labels is None:
         return ds
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise FedfmError("the server's label names must be a list of strings")
@@ -278,5 +274,4 @@ def _local_dataset(cfg, path: Path, labels):
     if unknown:
         raise FedfmError(f"{path} has labels the run does not know: {unknown[:5]} (the run's: {labels})")
     remap = np.array([index[name] for name in ds.label_names], dtype=np.int64)
-    ds.labels, ds.label_names = remap[ds.labels], list(labels)
-    return ds
+    return replace(ds, labels=remap[ds.labels], label_names=list(labels))

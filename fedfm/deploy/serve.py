@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedfm.build import Run, build_clients, start_run
+from fedfm.build import Run, build_clients, limit_test, start_run
 from fedfm.client.batched import check_batching
 from fedfm.compression import check_compression
 from fedfm.compression.wire import Wire
@@ -85,10 +85,7 @@ def build_server_run(cfg: RunConfig, grid) -> Run:
     if test_data is None:  # the global held-out split, as a simulation of the same config has it
         test_idx, _, _ = build_clients(cfg, ds)
     else:
-        test_idx = np.arange(len(ds.texts), dtype=np.int64)
-        if cfg.eval.max_test_examples is not None and len(test_idx) > cfg.eval.max_test_examples:
-            test_idx = np.sort(np.random.default_rng(cfg.seed).choice(test_idx, cfg.eval.max_test_examples,
-                                                                      replace=False))
+        test_idx = limit_test(cfg, np.arange(len(ds.texts), dtype=np.int64))
     num_labels = len(ds.label_names) if cfg.model.task == "seq_cls" else None
     fm = build_model(cfg.model, num_labels, seed=cfg.seed, device=device)
     enc = encode(ds.texts, fm.tokenizer, cfg.model.max_length, ds.labels if cfg.model.task == "seq_cls" else None)

@@ -176,13 +176,18 @@ class AsyncEngine:
         self.busy = {j.cid for j in self.heap}
 
     def summary(self) -> dict:
-        taus = self.sim.server.staleness_seen
-        return {
-            "method": self.cfg.method,
-            "buffer_size": self.buffer_size,
-            "concurrency": self.cfg.concurrency,
-            "staleness": self.cfg.staleness,
-            "staleness_mean": float(np.mean(taus)) if taus else 0.0,
-            "staleness_max": int(max(taus, default=0)),
-            "clients_started": self.started,
-        }
+        return async_summary(self.cfg, self.buffer_size, self.sim.server, self.started)
+
+
+def async_summary(cfg: AsyncConfig, buffer_size: int, server, started: int) -> dict:
+    """What ``summary.json`` reports under ``asynchronous`` (simulated or deployed)."""
+    taus = server.staleness_seen
+    return {
+        "method": cfg.method,
+        "buffer_size": buffer_size,
+        "concurrency": cfg.concurrency,
+        "staleness": cfg.staleness,
+        "staleness_mean": float(np.mean(taus)) if taus else 0.0,
+        "staleness_max": int(max(taus, default=0)),
+        "clients_started": started,
+    }
