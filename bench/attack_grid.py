@@ -75,7 +75,10 @@ from sweep import run_one  # noqa: E402  (sets up sys.path and the offline envir
 from fedfm.config import load_config  # noqa: E402
 from fedfm.config.schema import RunConfig  # noqa: E402
 
-COMMON = ["attack.fraction=0.2", "attack.target_label=0", "attack.trigger=cf", "eval.backdoor=true"]
+# The grid measures the aggregation rules themselves, as the published tables do: the server's
+# default update validation (norm bounds, on in every normal run) is turned off here.
+COMMON = ["attack.fraction=0.2", "attack.target_label=0", "attack.trigger=cf", "eval.backdoor=true",
+          "validation.max_norm_factor=null", "validation.warmup_factor=null"]
 ATTACKS = {
     "none": ["attack.name=none"],
     "sign_flip": ["attack.name=sign_flip", "attack.scale=4"],

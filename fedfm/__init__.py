@@ -3,14 +3,15 @@
 __version__ = "0.1.0"
 
 
-def run(config=None, overrides=(), resume=None):
+def run(config=None, overrides=(), resume=None, overwrite=False):
     """Run one federated job. ``config``: a RunConfig, a dict, a YAML path or None (the default job).
 
     ``resume=RUN_DIR``: continue a killed run from its latest checkpoint (with its own config).
+    ``overwrite=True``: clear a non-empty ``out`` folder first (otherwise a new run refuses it).
     """
     from fedfm.runner import run as _run
 
-    return _run(config, overrides, resume=resume)
+    return _run(config, overrides, resume=resume, overwrite=overwrite)
 
 
 __all__ = ["run", "__version__"]

@@ -55,6 +55,7 @@ from fedfm.server.compose import build_dp_sgd, build_server
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
+    """``out=``, or ``runs/NAME-STAMP`` (:func:`fedfm.run_folder.claim` makes it unique)."""
     if cfg.out:
         return Path(cfg.out)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -129,15 +130,14 @@ def start_run(cfg: RunConfig, data=None):
     """The common start of every run: ``(device, run folder, start time, dataset)``.
 
     Resolves the device (failing before anything is written when a GPU is
-    absent), writes config.yaml, sets threads and seeds, loads the dataset
-    (``data``: another DataConfig to load instead of ``cfg.data``, e.g. a
-    deployed server's own test file).
+    absent), sets threads and seeds, loads the dataset (``data``: another
+    DataConfig to load instead of ``cfg.data``, e.g. a deployed server's own
+    test file), and only then writes config.yaml -- unless the folder has one
+    already (a resumed run keeps its own). The caller owns the folder
+    (:func:`fedfm.run_folder.claim`), which removes what a failed start wrote.
     """
     device = resolve_device(cfg.device)
     out = run_dir_for(cfg)
-    if is_main_process():  # under torchrun only rank 0 writes the run folder
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     threads = threads_before_start(cfg, device)  # 1 until workers are forked (fedfm.drivers.workers)
     if threads:
         torch.set_num_threads(threads)
@@ -147,6 +147,9 @@ def start_run(cfg: RunConfig, data=None):
     ds = load_text_dataset(data, cfg.model.task, seed=cfg.seed)
     if cfg.model.task == "seq_cls" and ds.labels is None:
         raise FedfmError(f"task seq_cls needs labels, but dataset {data.dataset!r} has none")
+    if is_main_process() and not (out / "config.yaml").is_file():  # under torchrun only rank 0 writes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return device, out, t_start, ds
 
 
@@ -210,7 +213,7 @@ def build_run(cfg: RunConfig) -> Run:
     root_client = Client(cid=len(clients), train_idx=root, test_idx=root[:0]) if len(root) else None
     wire = Wire(cfg.compression, cfg.seed)
     server = build_server(cfg, len(clients), initial_state, wire=wire, rank_of=rank_of, trainer=trainer,
-                          root_client=root_client)
+                          root_client=root_client, clients=clients)  # clients: their partition caps num_examples
     simulated = SimulatedAttack(attack, len(clients), cfg.seed) if attack.active else None
     app = ClientApp(trainer, server.algorithm, wire, attack=simulated)
     sim = Simulation(server, app, clients, cfg.federation.clients_per_round, cfg.seed, fleet=fleet,

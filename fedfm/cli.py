@@ -22,9 +22,13 @@ def run(
     resume: Optional[str] = typer.Option(
         None, "--resume", metavar="RUN_DIR", help="Continue a killed run from its latest checkpoint (its own config)."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Clear the folder out= when it already holds files (default: refuse)."
+    ),
 ) -> None:
     """Run a federated job (the embedded default job when no config is given)."""
     from fedfm.errors import FedfmError
+    from fedfm.run_folder import describe_os_error
 
     args = list(args or [])
     config = None
@@ -35,10 +39,11 @@ def run(
     try:
         from fedfm.runner import run as run_job
 
-        run_job(config, args, resume=resume)
+        run_job(config, args, resume=resume, overwrite=overwrite)
     except FedfmError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2)
+        _fail(err)
+    except OSError as err:  # the run converts those on its folder; anything else still gets one line
+        _fail(describe_os_error(err))
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red]")
         raise typer.Exit(code=130)

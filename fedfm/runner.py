@@ -9,6 +9,10 @@
 3. **finish** (:func:`finish`): the run folder: config.yaml (written at build),
    partition.json, metrics.jsonl, summary.json, final_state.safetensors, metrics.png.
 
+The run owns its folder from before the build to the end (:mod:`fedfm.run_folder`:
+a lock, a run id in run.json that its checkpoints carry, no leftovers from a
+failed start).
+
 Continual runs (``continual.enabled``) build the same way and loop over
 stages (:mod:`fedfm.drivers.continual`).
 """
@@ -22,14 +26,15 @@ from typing import Iterable
 
 import torch
 
-from fedfm.build import Run, build_run
+from fedfm import run_folder
+from fedfm.build import Run, build_run, run_dir_for
 from fedfm.client.batched import check_batching
 from fedfm.compression import check_compression
 from fedfm.config import resolve_config
 from fedfm.drivers.continual import check_supported as check_continual
 from fedfm.drivers.continual import run_continual
 from fedfm.drivers.devices import check_devices
-from fedfm.drivers.workers import evaluation, run_in_group, start_workers
+from fedfm.drivers.workers import evaluation, is_main_process, run_in_group, start_workers
 from fedfm.eval.backdoor import backdoor_success
 from fedfm.eval.evaluate import evaluate
 from fedfm.eval.personal import evaluate_personalized, personal_summary
@@ -44,11 +49,15 @@ from fedfm.server import checkpoint
 log = logging.getLogger("fedfm")
 
 
-def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -> dict:
+def run(config=None, overrides: Iterable[str] = (), console=None, resume=None, overwrite: bool = False) -> dict:
     """Run one federated job and return its summary (also written to summary.json).
 
     ``resume=RUN_DIR`` continues a killed run from its latest checkpoint, with
-    the run's own config.yaml (fedfm.server.checkpoint).
+    the run's own config.yaml (fedfm.server.checkpoint). The run owns its
+    folder while it runs (:mod:`fedfm.run_folder`): a folder in use, or a new
+    run into a folder that holds files, is refused unless ``overwrite`` (clear
+    it first); a failed start leaves nothing behind; an OS error writing the
+    folder is a one-line error.
     """
     cfg = resolve_config(config, overrides) if resume is None else checkpoint.resume_config(resume, config, overrides)
     check_personalization(cfg)  # one-line errors for combinations personalization cannot serve
@@ -57,11 +66,21 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None) -
     check_batching(cfg)  # train.batch_clients
     if cfg.continual.enabled:
         check_continual(cfg)
-    r = build_run(cfg)
-    if cfg.continual.enabled:  # data arrives in stages: the always-on loop over stages
+    folder = run_folder.claim(run_dir_for(cfg), resume=resume is not None, overwrite=overwrite,
+                              unique=cfg.out is None, lock=is_main_process())
+    cfg = cfg.model_copy(update={"out": str(folder.path)})  # an unnamed run's folder, now taken
+    with folder, run_folder.io_errors():
+        r = build_run(cfg)
+        folder.started()  # data and model are loaded: from here on a failure keeps the folder for --resume
+        return run_built(r, console, resume)
+
+
+def run_built(r: Run, console, resume) -> dict:
+    """Loop a built run to its end (continual runs: stage after stage); the summary."""
+    if r.cfg.continual.enabled:  # data arrives in stages: the always-on loop over stages
         return run_continual(r, console=console, resume=resume)
     kept, start_round = restore(r, resume)
-    group = r.sim.group = start_workers(cfg, r.device)  # everything read-only is built: fork now
+    group = r.sim.group = start_workers(r.cfg, r.device)  # everything read-only is built: fork now
     main = group is None or group.main  # only the main process evaluates and writes
     metrics_log, stop_reason, progress = run_in_group(group, lambda: run_rounds(r, main, kept, start_round, console))
     return finish(r, metrics_log.records, stop_reason, progress) if main else {}

@@ -51,7 +51,7 @@ SCENARIOS: dict[str, dict] = {
     "fedadam_client_dp": {
         "algorithm.name": "fedadam", "algorithm.server_lr": 0.05,
         "privacy.client_dp.enabled": True, "privacy.client_dp.noise_multiplier": 0.2,
-        "privacy.client_dp.clip_norm": 0.5, "privacy.client_dp.adaptive": True,
+        "privacy.client_dp.clip_norm": 0.5, "privacy.client_dp.adaptive": True, "privacy.reproducible_noise": True,
     },
     "diloco": {"algorithm.name": "diloco", "algorithm.server_lr": 0.7},
     "secagg_dropout": {
@@ -79,7 +79,7 @@ SCENARIOS: dict[str, dict] = {
     },
     "dp_sgd_local": {
         "train.optimizer": "sgd", "train.lr": 0.1, "privacy.dp_sgd.enabled": True,
-        "privacy.dp_sgd.noise_multiplier": 1.0, "privacy.dp_sgd.max_grad_norm": 1.0,
+        "privacy.dp_sgd.noise_multiplier": 1.0, "privacy.dp_sgd.max_grad_norm": 1.0, "privacy.reproducible_noise": True,
     },
     "ditto": {"personalization.method": "ditto", "personalization.ditto_lambda": 0.1},
     "hetlora_deadline": {"devices.profiles": FLEET, "devices.deadline_s": 30},

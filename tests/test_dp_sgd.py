@@ -124,7 +124,7 @@ def test_sigma_zero_unclipped_step_is_sgd_on_the_poisson_batch_over_expected_siz
     fm, enc = tiny()
     n, B, lr, seed, rnd = len(TEXTS), 4, 0.5, 3, 2
     client = Client(cid=0, train_idx=np.arange(n), test_idx=np.arange(0))
-    dp = LocalDPSGD(fm, enc, SampleLevelAccountant(0.0, {0: n}, B), max_grad_norm=1e6)
+    dp = LocalDPSGD(fm, enc, SampleLevelAccountant(0.0, {0: n}, B), max_grad_norm=1e6, reproducible=True)
     trainer = LocalTrainer(fm, enc, TrainConfig(local_steps=1, batch_size=B, lr=lr, optimizer="sgd"), seed, dp_sgd=dp)
     start = get_state(fm.params)
     update = trainer.local_update(FedAvg(), Broadcast(start), client, rnd)
@@ -152,8 +152,9 @@ def test_noise_std_is_sigma_c_over_expected_batch(share):
     fm, enc = tiny()
     n, B, sigma, C = len(TEXTS), 4, 2.0, 0.5
     start = get_state(fm.params)
-    noisy = LocalDPSGD(fm, enc, SampleLevelAccountant(sigma, {0: n}, B), max_grad_norm=C, noise_share=share)
-    clean = LocalDPSGD(fm, enc, SampleLevelAccountant(0.0, {0: n}, B), max_grad_norm=C)
+    noisy = LocalDPSGD(fm, enc, SampleLevelAccountant(sigma, {0: n}, B), max_grad_norm=C, noise_share=share,
+                       reproducible=True)
+    clean = LocalDPSGD(fm, enc, SampleLevelAccountant(0.0, {0: n}, B), max_grad_norm=C, reproducible=True)
     draws = []
     for seed in range(3):
         grads = []
@@ -183,7 +184,7 @@ def test_one_step_rounds_at_one_sampling_rate_aggregate_to_central_dp_sgd():
     parts = [np.array([0, 3, 6]), np.array([1, 4]), np.array([2, 5, 7])]
     clients = [Client(cid=c, train_idx=p, test_idx=np.arange(0)) for c, p in enumerate(parts)]
     acc = SampleLevelAccountant(0.0, {c: len(p) for c, p in enumerate(parts)}, batch_size=16, sampling_rate=q)
-    dp = LocalDPSGD(fm, enc, acc, max_grad_norm=C, noise_share=0.5)
+    dp = LocalDPSGD(fm, enc, acc, max_grad_norm=C, noise_share=0.5, reproducible=True)
     trainer = LocalTrainer(fm, enc, TrainConfig(local_steps=1, batch_size=16, lr=lr, optimizer="sgd"), seed, dp_sgd=dp)
     start = get_state(fm.params)
     fold = FedAvg()
@@ -334,7 +335,7 @@ def test_a_session_adds_noise_of_its_own_clients_sigma():
     fm, enc = tiny()
     n, C = len(TEXTS), 0.5
     acc = SampleLevelAccountant({0: 0.0, 1: 3.0}, {0: n, 1: n}, batch_size=4)
-    dp = LocalDPSGD(fm, enc, acc, max_grad_norm=C, engine="loop")
+    dp = LocalDPSGD(fm, enc, acc, max_grad_norm=C, engine="loop", reproducible=True)
     quiet = [dp.session(0, np.arange(n), 1, seed=s) for s in range(2)]
     loud = [dp.session(1, np.arange(n), 1, seed=s) for s in range(2)]
     grads = []
@@ -377,6 +378,7 @@ def test_dp_sgd_run_reports_epsilon_and_still_learns_with_small_noise(tmp_path):
         "privacy.dp_sgd.enabled": True,
         "privacy.dp_sgd.noise_multiplier": 5e-4,  # Adam turns any noise into lr-sized steps: keep it small
         "privacy.dp_sgd.max_grad_norm": 1.0,
+        "privacy.reproducible_noise": True,  # a fixed accuracy threshold: the same batches every time
     }
     s = fedfm.run(None, tiny_cls_overrides(tmp_path, **over))
     recs = records(tmp_path / "run")

@@ -88,7 +88,7 @@ def test_tiny_classification_learns_above_chance_and_writes_outputs(tmp_path):
 def test_same_seed_same_result_and_other_seed_differs(tmp_path):
     a = fedfm.run(None, tiny_cls_overrides(tmp_path, **{"federation.rounds": 2, "out": tmp_path / "a"}))
     b = fedfm.run(None, tiny_cls_overrides(tmp_path, **{"federation.rounds": 2, "out": tmp_path / "b"}))
-    c = fedfm.run(None, tiny_cls_overrides(tmp_path, **{"federation.rounds": 2, "out": tmp_path / "c", "seed": 1}))
+    fedfm.run(None, tiny_cls_overrides(tmp_path, **{"federation.rounds": 2, "out": tmp_path / "c", "seed": 1}))
     from fedfm.models.state import load_state
 
     sa, _ = load_state(tmp_path / "a" / "final_state.safetensors")

@@ -48,7 +48,9 @@ LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
         "continual": ("fedfm.continual",),
     }),
     ("config", {"config": ("fedfm.config",)}),
-    ("bottom", {"bottom": ("fedfm.errors", "fedfm.registry", "fedfm.seeds", "fedfm.tensor_groups")}),
+    # fedfm.run_folder: the run folder's lock and run id (stdlib only; the checkpoints read the run id)
+    ("bottom", {"bottom": ("fedfm.errors", "fedfm.registry", "fedfm.seeds", "fedfm.tensor_groups",
+                           "fedfm.run_folder")}),
 ]
 
 # Within the component layer (DESIGN.md): group -> groups it never imports.

@@ -95,7 +95,7 @@ def test_empirical_noise_std():
 
 def test_noise_is_reproducible_and_differs_across_rounds():
     def run(seed):
-        fold = ClientDPFold(clip_norm=1.0, noise_multiplier=1.0, expected_clients=1, seed=seed)
+        fold = ClientDPFold(clip_norm=1.0, noise_multiplier=1.0, expected_clients=1, seed=seed, reproducible=True)
         out = []
         for _ in range(2):
             fold.start(od(w=[0.0, 0.0]))  # same version every round: noise must still differ

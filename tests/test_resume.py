@@ -95,7 +95,13 @@ def assert_same_run(ref_dir, run_dir):
     assert json.dumps(metrics(ref_dir)) == json.dumps(metrics(run_dir))
 
 
-def kill_resume_compare(tmp_path, kill_round, kill_call, expect_ckpt, cli=False, **extra):
+def corrupt(json_path) -> None:
+    """Flip the last bytes of a checkpoint's tensor file (its SHA-256 no longer matches)."""
+    st = Path(json_path).with_suffix(".safetensors")
+    st.write_bytes(st.read_bytes()[:-3] + b"xyz")
+
+
+def kill_resume_compare(tmp_path, kill_round, kill_call, expect_ckpt, cli=False, corrupt_latest=False, **extra):
     ref = fedfm.run(None, overrides(tmp_path, "ref", **extra))
     over = overrides(tmp_path, "killed", **extra)
     killed_run(over, kill_round, kill_call)
@@ -108,6 +114,8 @@ def kill_resume_compare(tmp_path, kill_round, kill_call, expect_ckpt, cli=False,
         assert last is not None
         meta, _ = checkpoint.load(last)
         assert checkpoint.section(meta, "asynchronous")["inflight"], "the kill should leave clients in flight"
+    if corrupt_latest:  # resume falls back to the previous intact checkpoint (checkpoint.keep >= 2)
+        corrupt(last)
     rounds_logged = [r["round"] for r in metrics(run_dir)]
     if cli:  # the command line a user types: fedfm run --resume RUN_DIR
         res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--quiet"])
@@ -148,6 +156,7 @@ def test_fedadam_with_adaptive_client_dp_resumes_noise_clip_and_epsilon(tmp_path
         "privacy.client_dp.noise_multiplier": 0.25,  # adaptive needs z < 2·σ_b = 2·(3/20)
         "privacy.client_dp.clip_norm": 0.5,
         "privacy.client_dp.adaptive": True,
+        "privacy.reproducible_noise": True,  # bit-identical noise across the kill (OS entropy by default)
     }
     ref, resumed, _ = kill_resume_compare(tmp_path, 3, 1, "v000002", **extra)
     assert resumed["privacy"] == ref["privacy"]
@@ -159,9 +168,15 @@ def test_fedadam_with_adaptive_client_dp_resumes_noise_clip_and_epsilon(tmp_path
     assert len(set(clip)) > 1  # the adaptive clip norm moved, so restoring it was tested
 
 
-def test_topk_int8_error_feedback_residuals_and_raw_bytes_are_restored(tmp_path):
-    extra = {"compression.upload": "[topk,int8]", "compression.error_feedback": True, "compression.topk_fraction": 0.2}
-    ref, resumed, _ = kill_resume_compare(tmp_path, 3, 2, "v000002", **extra)
+def test_topk_int8_error_feedback_residuals_and_raw_bytes_are_restored(tmp_path, caplog):
+    # keep=2 and a corrupt latest checkpoint (v2): resume falls back to v1, with one line, and still ends the same
+    extra = {"compression.upload": "[topk,int8]", "compression.error_feedback": True, "compression.topk_fraction": 0.2,
+             "checkpoint.keep": 2}
+    with caplog.at_level("WARNING", logger="fedfm"):
+        ref, resumed, logged = kill_resume_compare(tmp_path, 3, 2, "v000002", corrupt_latest=True, **extra)
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and "v000002.json" in skipped[0] and "SHA-256" in skipped[0], skipped
+    assert logged == [0, 1, 2]  # rounds 0-2 were logged; resuming from v1 cut round 2 off, then ran it again
     assert resumed["compression"] == ref["compression"]
     meta, tensors = checkpoint.load(checkpoint.latest(tmp_path / "killed"))
     assert any("/compression_residual/" in k for k in tensors)  # the clients' private coding errors
@@ -206,6 +221,38 @@ def test_continual_run_killed_resumes_bit_identical(tmp_path, extra, kill_round,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+COMMIT_KILLER = """
+import os, signal, sys
+kill_at, calls, real = int(sys.argv[1]), [0], os.replace
+def replace(src, dst):  # every atomic write of the run folder ends in os.replace
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # the temporary file is written and fsynced, not yet in place
+    return real(src, dst)
+os.replace = replace
+import fedfm.runner
+fedfm.runner.run(None, sys.argv[2:])
+"""
+# Two points drawn once (seeded, so a failure reproduces) among the run's atomic renames: with
+# checkpoint.keep=2 each checkpoint is a tensor file then its JSON, so an odd point leaves an orphan
+# tensor file and an even one a checkpoint whose JSON never landed.
+COMMIT_POINTS = sorted(__import__("random").Random(14).sample(range(2, 9), 2))
+
+
+@pytest.mark.parametrize("kill_at", COMMIT_POINTS)
+def test_kill_inside_a_checkpoint_commit_at_random_points_resumes_bit_identical(tmp_path, kill_at):
+    extra = {"federation.rounds": 4, "checkpoint.keep": 2}
+    fedfm.run(None, overrides(tmp_path, "ref", **extra))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", COMMIT_KILLER, str(kill_at), *overrides(tmp_path, "killed", **extra)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_dir = tmp_path / "killed"
+    assert not (run_dir / "summary.json").exists()
+    fedfm.run(resume=run_dir)
+    assert_same_run(tmp_path / "ref", run_dir)
+
+
 def test_kill_before_the_first_checkpoint_restarts_from_round_zero(tmp_path):
     import shutil
 
@@ -230,8 +277,14 @@ def test_resume_refusals_are_one_line_errors(tmp_path):
     (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint, before the summary
     with pytest.raises(FedfmError, match=r"differs in train\.lr"):
         fedfm.run(None, [*over, "train.lr=0.5"], resume=run_dir)
+    # overrides apply on top of the run's own config: only the key that really changes is listed
+    res = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "train.lr=0.5", "progress=true", "-q"])
+    assert res.exit_code == 2 and "differs in train.lr (pass" in res.output, res.output
+    assert fedfm.run(None, [f"out={tmp_path / 'moved'}", "progress=false"], resume=run_dir)["rounds"] == 1
+    (run_dir / "summary.json").unlink()
     assert fedfm.run(None, over, resume=run_dir)["rounds"] == 1  # the same config is accepted
     (run_dir / "summary.json").unlink()
+    saved = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     with pytest.raises(FedfmError, match="no config.yaml"):
         fedfm.run(resume=tmp_path / "nowhere")
 
@@ -247,6 +300,8 @@ def test_resume_refusals_are_one_line_errors(tmp_path):
     checkpoint.latest(run_dir).write_text("{not json")
     with pytest.raises(FedfmError, match="corrupt checkpoint"):
         fedfm.run(resume=run_dir)
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == saved  # failed resumes left the run folder as it was (config.yaml included)
 
     off = tmp_path / "off"
     fedfm.run(None, overrides(tmp_path, "off", **{"federation.rounds": 1, "eval.every": 0, "checkpoint.every": 0}))
@@ -308,9 +363,10 @@ def test_json_is_the_commit_record_and_keep_prunes(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["v000002.json", "v000002.safetensors", "v000003.json", "v000003.safetensors"]
     # a kill between the tensor file and its JSON: the orphan is ignored, then cleaned up
+    ck.save(4, server(4), metrics_lines=4)
+    (tmp_path / "checkpoints" / "v000004.json").unlink()
     orphan = tmp_path / "checkpoints" / "v000004.safetensors"
-    orphan.write_bytes(b"partial")
-    assert checkpoint.latest(tmp_path).name == "v000003.json"
+    assert orphan.exists() and checkpoint.latest(tmp_path).name == "v000003.json"
     meta, tensors = checkpoint.load(checkpoint.latest(tmp_path))
     assert torch.equal(tensors["global/w"], torch.full((3,), 3.0)) and meta["metrics_lines"] == 3
     ck.save(5, server(5), metrics_lines=5)

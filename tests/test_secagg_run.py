@@ -129,7 +129,8 @@ def test_secagg_plus_neighbourhoods_give_the_same_sum():
 
 def test_dp_summand_is_clipped_on_the_client_and_noise_added_to_the_sum():
     ups = _updates(5, scale=1.0)  # norms ~4 > C=1: clipped
-    kw = dict(clip_norm=1.0, noise_multiplier=0.7, expected_clients=5.0, seed=3, adaptive=True, clipped_count_stddev=1.0)
+    kw = dict(clip_norm=1.0, noise_multiplier=0.7, expected_clients=5.0, seed=3, adaptive=True,
+              clipped_count_stddev=1.0, reproducible=True)
     plain, secure = ClientDPFold(**kw), ClientDPFold(**kw)
     plain.start(_global())
     secure.start(_global())
@@ -202,7 +203,8 @@ def test_secagg_with_dropout_and_an_aborted_round(tmp_path):
 
 
 def test_secagg_with_client_dp_matches_dp_without_it(tmp_path):
-    dp = ["privacy.client_dp.enabled=true", "privacy.client_dp.noise_multiplier=0.5", "privacy.client_dp.clip_norm=0.1"]
+    dp = ["privacy.client_dp.enabled=true", "privacy.client_dp.noise_multiplier=0.5", "privacy.client_dp.clip_norm=0.1",
+          "privacy.reproducible_noise=true"]
     fedfm.run(None, TINY + dp + [f"out={tmp_path}/dp"])
     fedfm.run(None, TINY + dp + [f"out={tmp_path}/dpsec", "privacy.secure_aggregation.enabled=true"])
     a, b = _state(tmp_path / "dp"), _state(tmp_path / "dpsec")

@@ -99,7 +99,7 @@ def final(tmp_path, name, **extra):
     {},
     {"algorithm.name": "scaffold"},
     {"privacy.client_dp.enabled": "true", "privacy.client_dp.noise_multiplier": 0.5, "privacy.client_dp.adaptive": "true",
-     "federation.clients_per_round": 6},
+     "federation.clients_per_round": 6, "privacy.reproducible_noise": "true"},
     {"model.method": "lora", "compression.upload": "[topk,int8]", "compression.error_feedback": "true",
      "devices.profiles": "[{name: a, share: 1, dropout: 0.3, speed: 0.5}]"},
 ])

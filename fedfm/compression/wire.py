@@ -179,15 +179,22 @@ def decode_update(payload: bytes, chain_names=(), template: Mapping[str, torch.T
     delta, extras, meta = unpack(payload, "update", "delta", chain_names, template)
     try:
         return Update(
-            client_id=int(meta["client_id"]),
+            client_id=_integer(meta["client_id"], "client_id"),
             delta=delta,
-            num_examples=int(meta["num_examples"]),
+            num_examples=_integer(meta["num_examples"], "num_examples"),
             metrics={k: float(v) for k, v in dict(meta.get("metrics", {})).items()},
             extras=extras,
-            base_version=int(meta.get("base_version", 0)),
+            base_version=_integer(meta.get("base_version", 0), "base_version"),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise WireError(f"malformed update metadata: {err}") from None
+
+
+def _integer(value, name: str) -> int:
+    """``value`` when it is a JSON integer; a client's 2.5, ``true`` or ``"7"`` is refused, not rounded."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
 
 
 class Wire:

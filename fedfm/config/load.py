@@ -76,7 +76,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        data = _mapping(p.read_text(), f"config file {p}")
+        data = _mapping(p.read_text(), f"config file {p}", source=str(p))
     else:
         data = {"name": "default"}
     return validate(apply_overrides(data, overrides))
@@ -84,19 +84,34 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 def config_from_text(text: str, overrides: Iterable[str] = ()) -> RunConfig:
     """A validated RunConfig from YAML text (a deployed run's config travels as text)."""
-    return validate(apply_overrides(_mapping(text, "the run's config"), overrides))
+    return validate(apply_overrides(_mapping(text, "the run's config", source="<run config>"), overrides))
 
 
-def _mapping(text: str, what: str) -> dict:
+def _mapping(text: str, what: str, source: str = "<config>") -> dict:
+    """The top-level mapping of YAML ``text``; a syntax error names ``source:line:column``."""
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{what} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(yaml_error_line(err, what, source)) from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{what} must hold a mapping at the top level")
     return loaded
+
+
+def yaml_error_line(err: yaml.YAMLError, what: str, source: str) -> str:
+    """``source:line:column: not valid YAML: problem (context)`` from yaml's problem mark (1-based).
+
+    Without a mark: ``what is not valid YAML: problem``.
+    """
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    if mark is None:
+        return f"{what} is not valid YAML: {detail}"
+    return f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {detail}"
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -367,9 +367,19 @@ class DPSGDConfig(GaussianDPConfig):
 
 
 class PrivacyConfig(Section):
+    """Client-level DP, local DP-SGD, secure aggregation; where DP noise comes from.
+
+    DP noise (and DP-SGD's Poisson batches) are drawn from OS entropy, fresh every
+    round, so the config and checkpoints reveal nothing about them.
+    ``reproducible_noise: true`` derives them from ``seed`` instead: bit-identical
+    reruns for research, but **not private** against anyone who has the config
+    (the run logs a warning; fedfm.privacy.noise).
+    """
+
     client_dp: ClientDPConfig = ClientDPConfig()
     dp_sgd: DPSGDConfig = DPSGDConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    reproducible_noise: bool = False
 
 
 class RobustConfig(EntrySection):
@@ -386,6 +396,29 @@ class RobustConfig(EntrySection):
 
     rule: Annotated[str, choice(ROBUST_RULES)] = "mean"
     num_byzantine: int = Field(0, ge=0)  # f, the number of attackers a rule must tolerate per round
+
+
+class ValidationConfig(Section):
+    """Checks on every update the server receives, before any fold (fedfm.robustness.validate).
+
+    Always on: the payload decodes; tensor names, shapes and dtypes match the
+    global state and every value is finite; the sender is in the round's cohort
+    (asynchronous: it holds a version it was sent) and reports at most once per
+    round; ``num_examples`` is a positive integer no larger than the client's
+    training rows (simulation: its partition; deployment: the rows its node registered).
+    The norm bounds below are configurable. They are skipped under secure aggregation (the
+    server sees only masked updates) and under client-level DP (its clipping already bounds
+    every update, and a rejection driven by other clients' norms would be outside the accountant).
+    With ``train.local_epochs`` on very unequal partitions a large client runs many more steps
+    than the median one: raise ``max_norm_factor`` (or set it to null) there.
+    Every rejection is logged and counted in the round's record (``rejected``, ``rejected_by_reason``).
+    """
+
+    max_norm: float | None = Field(None, gt=0)  # absolute bound on an update's L2 norm; None: none
+    max_norm_factor: float | None = Field(10.0, gt=1)  # bound: factor x the median of accepted norms; None: off
+    norm_window: int = Field(100, ge=1)  # the median is over the last N accepted norms (of past rounds)
+    min_norms: int = Field(5, ge=1)  # accepted norms before the median bound applies (warm-up until then)
+    warmup_factor: float | None = Field(100.0, gt=1)  # warm-up bound: factor x the global state's norm; None: off
 
 
 class AttackConfig(EntrySection):
@@ -625,6 +658,7 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     robust: RobustConfig = Field(default_factory=RobustConfig)
+    validation: ValidationConfig = ValidationConfig()
     attack: AttackConfig = Field(default_factory=AttackConfig)
     personalization: PersonalizationConfig = PersonalizationConfig()
     continual: ContinualConfig = ContinualConfig()

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -67,11 +69,13 @@ class TextDataset:
         )
 
 
-def load_text_dataset(cfg: DataConfig, task: str, seed: int = 0) -> TextDataset:
+def load_text_dataset(cfg: DataConfig, task: str, seed: int = 0, min_classes: int = 2) -> TextDataset:
     """Load the dataset named by ``cfg.dataset`` for ``task`` (``seq_cls`` or ``causal_lm``).
 
     Labels are returned whenever the source has them (so label-skew partitions
-    also work for causal LM); ``seq_cls`` requires them. Empty texts are
+    also work for causal LM); ``seq_cls`` requires them, with at least
+    ``min_classes`` distinct labels (one label would make transformers train a
+    regression head; a deployed node's own shard may pass 1). Empty texts are
     dropped, then ``cfg.max_examples`` keeps a seeded random subset in the
     original order.
     """
@@ -93,10 +97,23 @@ def load_text_dataset(cfg: DataConfig, task: str, seed: int = 0) -> TextDataset:
         data = data.subset(keep)
     if not data.texts:
         raise FedfmError(f"dataset '{name}' has no non-empty texts")
+    if task == "seq_cls" and data.labels is not None:
+        _check_classes(data, name, cfg.label_column, min_classes)
     if cfg.max_examples is not None and cfg.max_examples < len(data):
         rng = np.random.default_rng(seed)
         data = data.subset(np.sort(rng.choice(len(data), cfg.max_examples, replace=False)))
     return data
+
+
+def _check_classes(data: TextDataset, name: str, column: str | None, min_classes: int) -> None:
+    """Refuse a classification dataset with fewer than ``min_classes`` distinct labels."""
+    present = np.unique(data.labels)
+    if len(present) < min_classes:
+        shown = [data.label_names[i] for i in present]
+        raise FedfmError(
+            f"dataset '{name}': label column '{column}' has {len(present)} distinct label(s) {shown}; "
+            f"task seq_cls needs at least {min_classes}"
+        )
 
 
 # ----------------------------------------------------------------------------- BBC News
@@ -323,14 +340,10 @@ def _load_file(cfg: DataConfig, task: str) -> TextDataset:
     if not path.is_file():
         raise FedfmError(f"data file not found: {path}")
 
-    import datasets  # slow import, only needed for local files
-
-    try:
-        datasets.disable_progress_bars()  # one clean line per error, no bars in logs
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as e:  # malformed file: report it as a user error
-        raise FedfmError(f"cannot read data file {path}: {type(e).__name__}: {e}".split("\n")[0]) from e
-
+    check_data_file(path, fmt)
+    ds = _load_with_datasets(path, fmt)
+    if ds.num_rows == 0:
+        raise FedfmError(f"data file {path} has no rows")
     columns = list(ds.column_names)
 
     def need(column: str, what: str) -> None:
@@ -352,6 +365,93 @@ def _load_file(cfg: DataConfig, task: str) -> TextDataset:
     if cfg.group_column is not None:
         groups = ["" if g is None else str(g) for g in ds[cfg.group_column]]
     return TextDataset(texts, labels, label_names, groups)
+
+
+def check_data_file(path: Path, fmt: str) -> None:
+    """Refuse, with one line naming ``path``, a file that cannot hold a dataset.
+
+    Every format: an empty file. ``csv``/``json``/``jsonl``: bytes that are
+    not UTF-8. ``csv``: no line after the header. ``json``/``jsonl``: text that
+    is not JSON (reported by line and column), no rows, or rows that are not
+    objects. Truncated CSV and
+    Parquet files are reported by :func:`_load_with_datasets`.
+    """
+    if fmt == "parquet":
+        if path.stat().st_size == 0:
+            raise FedfmError(f"data file {path} is empty")
+        return
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise FedfmError(f"data file {path} is empty")
+    text = _utf8(raw, path)
+    if fmt == "csv" and sum(1 for line in text.splitlines() if line.strip()) < 2:
+        raise FedfmError(f"data file {path} has no rows (a header at most)")
+    if fmt == "json":
+        _check_json(text, path, lines=path.suffix.lower() == ".jsonl")
+
+
+def _utf8(raw: bytes, path: Path) -> str:
+    """``raw`` decoded as UTF-8 (a byte-order mark is dropped), or a one-line error with the bad byte's place."""
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise FedfmError(
+            f"data file {path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line}, column {column} "
+            "(save it as UTF-8)"
+        ) from None
+
+
+def _check_json(text: str, path: Path, lines: bool) -> None:
+    """``text`` is one JSON document (a list of records or a mapping of columns) or JSON lines of objects."""
+    if not lines:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            if not e.msg.startswith("Extra data"):  # more than one document: JSON lines
+                where = f"line {e.lineno}, column {e.colno}"
+                raise FedfmError(f"data file {path}, {where}: not valid JSON ({e.msg})") from None
+        else:
+            if isinstance(doc, list) and not all(isinstance(row, dict) for row in doc):
+                raise FedfmError(f"data file {path} is a JSON list whose items are not all objects (records)")
+            if doc == []:
+                raise FedfmError(f"data file {path} has no rows")
+            if not isinstance(doc, (list, dict)):
+                raise FedfmError(f"data file {path} holds a JSON {type(doc).__name__}, not records")
+            return
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FedfmError(f"data file {path}, line {number}, column {e.colno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise FedfmError(f"data file {path}, line {number}: a JSON {type(row).__name__}, not an object")
+
+
+def _load_with_datasets(path: Path, fmt: str):
+    """``datasets.load_dataset`` on one local file, its failures as one line naming the file and the cause."""
+    import datasets  # slow import, only needed for local files
+
+    datasets.disable_progress_bars()  # one clean line per error, no bars in logs
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL)  # it logs a second copy of every read error
+    try:
+        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as e:  # malformed file: report it as a user error
+        raise FedfmError(f"cannot read data file {path}: {_root_cause(e)}") from e
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _root_cause(err: BaseException) -> str:
+    """``Type: first line`` of the innermost cause of ``err`` (datasets wraps the reader's error)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def split_text(text: str, unit: str) -> list[str]:

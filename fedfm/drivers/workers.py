@@ -27,6 +27,12 @@ Two ways to start workers:
   run forks ``N - 1`` workers once the model, the tokenized data and the
   clients are built, so the frozen base weights are shared copy-on-write.
 
+A failing forked worker writes its error (one line, plus its traceback) to
+``worker-K.json`` in the group's folder before it exits; when the main
+process then finds the group broken ("Connection closed by peer"), it waits
+a few seconds at most for the workers' reports and raises
+``FedfmError("worker K failed: <its error>")``, then stops every worker.
+
 Backend: gloo (CPU). Runs that need every update in one place (robust rules,
 FLTrust, colluding attacks, secure aggregation), asynchronous or GPU runs, and
 local DP-SGD (its per-client accountants live on the server) stay in one
@@ -42,7 +48,10 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import time
+import traceback
 from collections import OrderedDict
 from datetime import timedelta
 from typing import Callable, Sequence
@@ -56,6 +65,7 @@ from fedfm.registry import ALGORITHMS, ATTACKS, COLLUDING, MERGEABLE, NEEDS_ALL_
 log = logging.getLogger("fedfm")
 
 TIMEOUT = timedelta(minutes=30)
+REPORT_WAIT_S = 10.0  # how long the main process waits for a failed worker's report
 
 
 def cores() -> int:
@@ -169,23 +179,93 @@ class WorkerGroup:
             finish_worker(0)
         if dist.is_initialized():
             dist.destroy_process_group()
-        for pid in self.children:
+        failures = []
+        for rank, pid in enumerate(self.children, start=1):
             _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            if code != 0:
-                raise FedfmError(f"simulation worker (pid {pid}) exited with code {code}")
+            if os.waitstatus_to_exitcode(status) != 0:
+                failures.append(self._failure(rank, status))
         self.children = []
         self._remove_store()
+        if failures:
+            raise FedfmError(failures[0])
 
     def _remove_store(self) -> None:
         if self.store_dir is not None and self.main:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
-    def fail(self) -> None:
-        """The run failed in this process: a forked worker exits (code 1); the main process stops its workers."""
+    # -- failures ---------------------------------------------------------------------
+    def _report_path(self, rank: int) -> str | None:
+        return None if self.store_dir is None else os.path.join(self.store_dir, f"worker-{rank}.json")
+
+    def _write_report(self, exc: BaseException | None) -> None:
+        """A forked worker's last words: its error's one-line summary and traceback (atomic write)."""
+        path = self._report_path(self.rank)
+        if path is None or exc is None:
+            return
+        report = {"error": error_line(exc), "collective": broken_group(exc),
+                  "traceback": "".join(traceback.format_exception(exc))}
+        with contextlib.suppress(OSError):
+            with open(path + ".tmp", "w", encoding="utf-8") as fh:
+                json.dump(report, fh)
+            os.replace(path + ".tmp", path)
+
+    def _read_report(self, rank: int) -> dict | None:
+        path = self._report_path(rank)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, TypeError, ValueError):
+            return None
+
+    def _failure(self, rank: int, status: int | None) -> str:
+        """``worker K failed: <its error>`` from its report, else from how it exited."""
+        report = self._read_report(rank)
+        if report is not None:
+            log.debug("worker %d: %s", rank, report.get("traceback", ""))
+            return f"worker {rank} failed: {report['error']}"
+        if status is not None and os.WIFSIGNALED(status):
+            name = signal.Signals(os.WTERMSIG(status)).name
+            hint = " (out of memory?)" if name == "SIGKILL" else ""
+            return f"worker {rank} was killed by {name}{hint}"
+        code = None if status is None else os.waitstatus_to_exitcode(status)
+        return f"worker {rank} failed (exit code {code}) without a report"
+
+    def worker_failure(self, exc: BaseException) -> str | None:
+        """Why the group broke under the main process, when a worker is the cause; None when it is not.
+
+        The main process's own error (anything but a broken collective) is the
+        cause itself. Otherwise the workers' reports are awaited, at most
+        :data:`REPORT_WAIT_S`: a worker's own error wins over a worker that only
+        saw the group break, then a worker that died without a report.
+        """
+        if not (self.main and self.forked and broken_group(exc)):
+            return None
+        exited: dict[int, int] = {}
+        deadline = time.monotonic() + REPORT_WAIT_S
+        while True:
+            for rank, pid in enumerate(self.children, start=1):
+                if rank not in exited:
+                    with contextlib.suppress(ChildProcessError):
+                        done, status = os.waitpid(pid, os.WNOHANG)
+                        if done:
+                            exited[rank] = status
+            reports = {r: self._read_report(r) for r in range(1, self.world)}
+            own = [r for r, rep in reports.items() if rep is not None and not rep.get("collective")]
+            if own:
+                return self._failure(own[0], exited.get(own[0]))
+            if len(exited) == len(self.children) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        died = [r for r, status in exited.items() if reports.get(r) is None and os.waitstatus_to_exitcode(status) != 0]
+        return self._failure(died[0], exited[died[0]]) if died else None
+
+    def fail(self, exc: BaseException | None = None) -> str | None:
+        """The run failed in this process with ``exc``: a forked worker reports it and exits (code 1);
+        the main process stops its workers and returns a failed worker's error when one caused it."""
         if self.forked and not self.main:
-            log.exception("simulation worker %d failed", self.rank)
+            self._write_report(exc if exc is not None else sys.exc_info()[1])
             finish_worker(1)
+        cause = self.worker_failure(exc) if exc is not None else None
         for pid in self.children:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -196,6 +276,20 @@ class WorkerGroup:
         if dist.is_initialized():
             dist.destroy_process_group()
         self._remove_store()
+        return cause
+
+
+def broken_group(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because a peer is gone (gloo: "Connection closed by peer")."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc))
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for ``exc``: a :class:`FedfmError`'s message, else ``Type: first line``."""
+    lines = str(exc).strip().splitlines()
+    if isinstance(exc, FedfmError) and lines:
+        return lines[0]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def from_torchrun() -> WorkerGroup | None:
@@ -304,12 +398,15 @@ def run_in_group(group: WorkerGroup | None, loop: Callable[[], object]):
 
     A forked worker leaves the process inside :meth:`WorkerGroup.close` or
     :meth:`WorkerGroup.fail`; torchrun's other ranks return here with the result.
+    When the main process fails because a forked worker did, it raises
+    :class:`FedfmError` ``worker K failed: <its error>``.
     """
     try:
         result = loop()
-    except BaseException:
-        if group is not None:
-            group.fail()  # a forked worker leaves here; the main process stops its workers
+    except BaseException as exc:
+        cause = group.fail(exc) if group is not None else None  # a forked worker leaves in fail()
+        if cause is not None:  # the main process saw the group break because a worker failed
+            raise FedfmError(cause) from exc
         raise
     if group is not None:
         group.close()  # a forked worker leaves here

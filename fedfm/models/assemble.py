@@ -21,10 +21,21 @@ from transformers import PreTrainedTokenizerBase
 
 from fedfm.config.schema import ModelConfig
 from fedfm.errors import FedfmError
+from fedfm.models.memory import check_fits
 from fedfm.models.methods import wrap
 from fedfm.models.pooling import install_pooling
-from fedfm.models.registry import ENCODER_TYPES, head_modules, load_base_model, load_tokenizer, resolve
-from fedfm.models.state import load_state, set_state_
+from fedfm.models.registry import (
+    ENCODER_TYPES,
+    ModelSource,
+    auto_class,
+    base_config,
+    head_modules,
+    load_base_model,
+    load_tokenizer,
+    quiet_transformers,
+    resolve,
+)
+from fedfm.models.state import check_start_state, load_state, set_state_
 from fedfm.registry import METHODS, VIRTUAL_TOKENS
 
 _ADAPTER = "default"  # peft's adapter name; dropped from the state names
@@ -125,6 +136,15 @@ def _uses_token_types(cfg: ModelConfig, model: torch.nn.Module) -> bool:
     return not (cfg.task == "causal_lm" and METHODS.supports(cfg.method, VIRTUAL_TOKENS))
 
 
+def _wrapped_model(source: ModelSource, cfg: ModelConfig, num_labels: int | None, tokenizer) -> torch.nn.Module:
+    """The model :func:`assemble_model` trains, without loading weights (for :func:`check_fits` on meta)."""
+    config = base_config(source, cfg.task, num_labels, tokenizer)
+    with quiet_transformers():
+        model = auto_class(cfg.task).from_config(config, dtype=torch.float32)
+    install_pooling(model, cfg.pooling)
+    return wrap(model, cfg, cfg.task, source.tokenizer_path)
+
+
 def assemble_model(
     cfg: ModelConfig, num_labels: int | None = None, seed: int = 0, device: str | torch.device = "cpu"
 ) -> FedModel:
@@ -137,12 +157,14 @@ def assemble_model(
     if cfg.start_from:
         raise FedfmError("internal: resolve model.start_from before assemble_model (use build_model)")
     if cfg.task == "seq_cls":
-        if num_labels is None or num_labels < 1:
-            raise FedfmError(f"task seq_cls needs num_labels >= 1, got {num_labels}")
+        if num_labels is None or num_labels < 2:  # one label: transformers would train a regression head
+            raise FedfmError(f"task seq_cls needs num_labels >= 2, got {num_labels}")
     else:
         num_labels = None
     source = resolve(cfg.name, scratch=cfg.scratch)
     tokenizer = load_tokenizer(source.tokenizer_path)
+    what = f"{cfg.name} with method {cfg.method}"
+    check_fits(lambda: _wrapped_model(source, cfg, num_labels, tokenizer), what, device)  # before allocating
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = load_base_model(source, cfg.task, num_labels, tokenizer)
@@ -161,5 +183,6 @@ def assemble_model(
         tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
     if cfg.init_state:
         state, _ = load_state(cfg.init_state)
+        check_start_state(state, cfg.init_state)
         set_state_(params, state)
     return FedModel(model=model, tokenizer=tokenizer, params=params, task=cfg.task, method=cfg.method)

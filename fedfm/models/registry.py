@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from fedfm.errors import FedfmError
 
@@ -303,10 +305,43 @@ def load_base_model(source: ModelSource, task: str, num_labels: int | None, toke
     state restored afterwards; only their ``seq_cls`` head, like the new head
     of a pretrained model, comes from the caller's RNG.
     """
-    _offline()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    auto = auto_class(task)
+    config = base_config(source, task, num_labels, tokenizer)
+    try:
+        with quiet_transformers():
+            if source.random_init:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(TINY_SEED)
+                    model = auto.from_config(config, dtype=torch.float32)
+                # Like a pretrained model's new head, the task head is not part of the
+                # fixed base: it is drawn from the caller's RNG.
+                if task == "seq_cls":
+                    for name in head_modules(model):
+                        model.get_submodule(name).apply(model._init_weights)
+                return model
+            check_weights(source.path)
+            return auto.from_pretrained(
+                str(source.path), config=config, dtype=torch.float32, local_files_only=True, use_safetensors=True
+            )
+    except ValueError as e:  # e.g. no sequence-classification class for this architecture
+        raise FedfmError(f"cannot load {source.name} as a {task} model: {e}") from None
+    except (OSError, RuntimeError, SafetensorError) as e:  # e.g. a truncated or corrupt weights file
+        raise FedfmError(f"cannot load the weights of {source.path}: {_first_line(e)}") from None
 
-    auto = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+
+def auto_class(task: str):
+    """The transformers auto class for ``task``."""
+    _offline()
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+
+
+def base_config(source: ModelSource, task: str, num_labels: int | None, tokenizer):
+    """The transformers config :func:`load_base_model` instantiates (no weights are read)."""
+    _offline()
+    from transformers import AutoConfig
+
     if source.tiny == SCRATCH:
         config = scratch_config(
             source.scratch, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -322,20 +357,42 @@ def load_base_model(source: ModelSource, task: str, num_labels: int | None, toke
         config.num_labels = num_labels
     elif config.model_type in ENCODER_TYPES:
         config.is_decoder = True  # an encoder used as a left-to-right LM
-    try:
-        with quiet_transformers():
-            if source.random_init:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(TINY_SEED)
-                    model = auto.from_config(config, dtype=torch.float32)
-                # Like a pretrained model's new head, the task head is not part of the
-                # fixed base: it is drawn from the caller's RNG.
-                if task == "seq_cls":
-                    for name in head_modules(model):
-                        model.get_submodule(name).apply(model._init_weights)
-                return model
-            return auto.from_pretrained(
-                str(source.path), config=config, dtype=torch.float32, local_files_only=True
-            )
-    except ValueError as e:  # e.g. no sequence-classification class for this architecture
-        raise FedfmError(f"cannot load {source.name} as a {task} model: {e}") from None
+    return config
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse a model folder without safetensors weights (pickle ``.bin`` files are never loaded),
+    or with a truncated or garbled ``.safetensors`` file."""
+    files = sorted(folder.glob("*.safetensors"))
+    for path in files:
+        _check_safetensors(folder, path)
+    if files or any(folder.glob("*.safetensors.index.json")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise FedfmError(
+            f"model folder {folder} has only pickle weights ({', '.join(pickled)}): "
+            "fedfm accepts only safetensors weights (model.safetensors)"
+        )
+    raise FedfmError(f"model folder {folder} has no weights (model.safetensors)")
+
+
+def _check_safetensors(folder: Path, path: Path) -> None:
+    """The file holds the whole of what its header describes (8-byte length, JSON header, tensor data)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        try:
+            header = json.loads(fh.read(n)) if 8 <= size and 8 + n <= size else None
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] if header else []
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise FedfmError(f"model folder {folder}: {path.name} is not a safetensors file") from None
+    expected = 8 + n + max(ends, default=0)
+    if header is None or size < expected:
+        described = f"its header describes {expected:,}" if header is not None else "its header is cut"
+        raise FedfmError(f"model folder {folder}: {path.name} is truncated ({size:,} bytes, {described})")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

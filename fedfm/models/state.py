@@ -54,6 +54,18 @@ def set_state_(params: Mapping[str, torch.nn.Parameter], state: Mapping[str, tor
             p.copy_(state[k])
 
 
+def check_start_state(state: Mapping[str, torch.Tensor], path) -> None:
+    """Refuse starting weights (``model.init_state``) with a non-float or a NaN/Inf tensor, naming file and tensor.
+
+    Such a state would be cast silently, or make every client's update invalid.
+    """
+    for k, t in state.items():
+        if not t.is_floating_point():
+            raise FedfmError(f"model.init_state {path}: tensor {k!r} is {t.dtype}, not floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise FedfmError(f"model.init_state {path}: tensor {k!r} holds NaN or Inf values")
+
+
 def _few(keys: list[str], n: int = 3) -> str:
     if not keys:
         return "none"

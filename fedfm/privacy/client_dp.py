@@ -37,14 +37,20 @@ accountant runs with ``z``. Needs ``2σ_b > z``; the default
 ``σ_b = m / 20`` is the paper's recommendation. The round that clips with
 ``C_t`` also produces ``C_{t+1}``.
 
-Randomness: noise comes from a ``torch.Generator`` seeded from
-``(seed, round)`` (round = number of ``finish`` calls, kept in ``state_dict``)
-so simulations are reproducible and no two rounds share noise. That is fine
-for research, **not for deployment**: torch's PRNG is not cryptographically
-secure and floating-point Gaussian sampling has known leaks (Mironov 2012).
-``secure=True`` reseeds every round from ``secrets`` (OS entropy), which
-removes predictability of the seed but not those caveats; a real deployment
-should use a vetted secure sampler (e.g. a discrete Gaussian).
+Randomness (:mod:`fedfm.privacy.noise`): by default the update noise and the
+adaptive-clipping bit noise of a round come from a ``torch.Generator`` seeded
+afresh every round from OS entropy (:mod:`secrets`), so nobody who knows the
+run's config or checkpoints can reconstruct the noise. ``reproducible=True``
+(config ``privacy.reproducible_noise: true``) seeds it from ``(seed, round)``
+instead (round = number of ``finish`` calls, kept in ``state_dict``): reruns
+and resumes are bit-identical and no two rounds share noise, which is what
+research simulations want, but the noise is then known to anyone with the
+config: **not private**. Either way torch's PRNG is not cryptographically
+secure and floating-point Gaussian sampling has known leaks (Mironov 2012); a
+deployment facing a strong adversary should use a vetted secure sampler
+(e.g. a discrete Gaussian). Simulation workers agree on a round's entropy
+seed through :meth:`ClientDPFold.partial` / :meth:`ClientDPFold.merge`, so
+they all finish with the same noise.
 
 Noise is added even when no update arrived in a round: skipping it would
 reveal that the cohort was empty.
@@ -54,7 +60,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import secrets
 from collections import OrderedDict
 from typing import Literal, Mapping
 
@@ -62,6 +67,7 @@ import torch
 
 from fedfm.algorithms.base import Algorithm, ServerFold, Update
 from fedfm.algorithms.fedavg import MeanDeltaFold, StartedFold
+from fedfm.privacy.noise import joint_seed, noise_generator, seed_shares
 
 Denominator = Literal["expected", "actual"]
 
@@ -117,8 +123,10 @@ class ClientDPFold(StartedFold):
         target_quantile: ``γ`` in (0, 1).
         clip_lr: ``η_C`` > 0, the geometric clip-norm learning rate.
         clipped_count_stddev: ``σ_b``; default ``m / 20`` when adaptive and z > 0.
-        seed: seed of the noise generator (see the module docstring).
-        secure: reseed every round from OS entropy instead of ``seed``.
+        seed: the run seed; the noise derives from it only when ``reproducible``.
+        reproducible: derive each round's noise from ``(seed, round)`` (research
+            only: not private against anyone who has the config) instead of OS
+            entropy (the default; see the module docstring).
 
     After each ``finish``, ``last_round`` holds the stats of that round.
     """
@@ -135,7 +143,7 @@ class ClientDPFold(StartedFold):
         clip_lr: float = 0.2,
         clipped_count_stddev: float | None = None,
         seed: int = 0,
-        secure: bool = False,
+        reproducible: bool = False,
     ) -> None:
         self.inner = inner if inner is not None else MeanDeltaFold()
         self._global: Mapping[str, torch.Tensor] | None = None
@@ -159,8 +167,8 @@ class ClientDPFold(StartedFold):
         self.target_quantile = float(target_quantile)
         self.clip_lr = float(clip_lr)
         self.seed = int(seed)
-        self.secure = bool(secure)
-        self.rounds = 0  # finish() calls so far: the noise stream index
+        self.reproducible = bool(reproducible)
+        self.rounds = 0  # finish() calls so far: the noise stream index when reproducible
         self.last_round: dict[str, float] = {}
 
         z = self.noise_multiplier
@@ -193,6 +201,7 @@ class ClientDPFold(StartedFold):
         self._norm_max = 0.0
         self._num_clipped = 0  # ‖Δ‖ > C
         self._num_within = 0  # ‖Δ‖ ≤ C: Σ b_i for adaptive clipping
+        self._joint_seed: int | None = None  # simulation workers' common entropy seed (merge)
 
     def add(self, update: Update) -> bool:
         """Clip the whole float delta jointly to ``C`` and add it with weight 1."""
@@ -247,16 +256,23 @@ class ClientDPFold(StartedFold):
         self._norm_sum = self._norm_max = math.nan
 
     def partial(self) -> tuple["OrderedDict[str, torch.Tensor]", list[float]]:
-        """This worker's sum of clipped deltas and its clipping counters (multi-process simulation)."""
+        """This worker's sum of clipped deltas, its clipping counters and its share of the noise seed.
+
+        Multi-process simulation: the shares (fresh OS entropy, two scalars) let every
+        worker derive the same entropy seed in :meth:`merge`, hence the same noise.
+        """
         g = self._require_started()
         sums = self._sums or {}
         tensors = OrderedDict((k, sums[k] if k in sums else torch.zeros(g[k].shape, dtype=torch.float64))
                               for k in self._float_keys)
         return tensors, [float(self._count), self._norm_sum, self._norm_max, float(self._num_within),
-                         float(self._num_clipped)]
+                         float(self._num_clipped), *seed_shares()]
 
     def merge(self, sums: "OrderedDict[str, torch.Tensor]", scalars: list[list[float]]) -> None:
-        """The cohort's summed clipped deltas and counters; the noise is added once, in ``finish``."""
+        """The cohort's summed clipped deltas and counters; the noise is added once, in ``finish``.
+
+        Every worker merges the same scalars, so all seed this round's noise alike.
+        """
         self._require_started()
         self._sums = OrderedDict((k, sums[k]) for k in self._float_keys)
         self._count = int(sum(s[0] for s in scalars))
@@ -264,6 +280,7 @@ class ClientDPFold(StartedFold):
         self._norm_max = float(max(s[2] for s in scalars))
         self._num_within = int(sum(s[3] for s in scalars))
         self._num_clipped = int(sum(s[4] for s in scalars))
+        self._joint_seed = joint_seed(x for s in scalars for x in s[5:])
 
     def finish(self) -> "OrderedDict[str, torch.Tensor]":
         g = self._require_started()
@@ -317,12 +334,20 @@ class ClientDPFold(StartedFold):
 
     # -- state --------------------------------------------------------------
     def _generator(self) -> torch.Generator:
-        gen = torch.Generator()
-        gen.manual_seed(secrets.randbits(63) if self.secure else _round_seed(self.seed, self.rounds))
-        return gen
+        """This round's noise generator: from ``(seed, round)`` when reproducible, else from OS entropy.
+
+        The entropy is this process's own, or the workers' joint seed after :meth:`merge`.
+        """
+        if self.reproducible:
+            return noise_generator(_round_seed(self.seed, self.rounds))
+        return noise_generator(self._joint_seed)
 
     def state_dict(self, tensors: dict | None = None, orders: dict | None = None) -> dict:
-        """The noise-stream index and the (adaptive) clip norm; the wrapped fold keeps its own state."""
+        """The round count and the (adaptive) clip norm; the wrapped fold keeps its own state.
+
+        No generator state: without ``reproducible`` each round's seed came from OS
+        entropy and was never stored, so a checkpoint cannot reconstruct past noise.
+        """
         return {"clip_norm": self.clip_norm, "rounds": self.rounds}
 
     def load_state_dict(self, state: dict, tensors=None, orders=None) -> None:

@@ -57,10 +57,19 @@ subtracted), nor for the fixed-point rounding of the masked sums (step below
 1e-6 of the range here; Kairouz et al.'s discrete Gaussian removes that caveat).
 :func:`fedfm.server.compose.build_dp_sgd` enforces the conditions.
 
-Randomness: batches and noise are drawn from ``torch.Generator`` objects
-seeded from the run seed, the round and the client, so simulations are
-reproducible -- fine for research, not for deployment (torch's PRNG is not
-cryptographically secure; see :mod:`fedfm.privacy.client_dp`).
+Randomness (:mod:`fedfm.privacy.noise`): by default every client
+participation draws its Poisson batches and its noise from two fresh
+``torch.Generator`` objects seeded from OS entropy (:mod:`secrets`), never
+from the run seed nor from torch's global generator (whose state checkpoints
+store). The batches need that secrecy as much as the noise: the accountant's ε
+relies on privacy amplification by subsampling, which holds only if nobody
+knows which examples a step used; with the batches known, each step is only
+as private as an unsampled Gaussian mechanism (q = 1). ``reproducible=True``
+(config ``privacy.reproducible_noise: true``) seeds both from the session seed
+(run seed, round, client): bit-identical reruns for research, **not private**
+against anyone who has the config. Other local randomness (dropout masks)
+stays seeded: the guarantee does not depend on it. Either way torch's PRNG is
+not cryptographically secure (see :mod:`fedfm.privacy.noise`).
 
 Not covered by the guarantee: the example count ``n_i`` and the
 ``train_loss`` metric the client reports travel unnoised (simulation
@@ -82,6 +91,7 @@ import torch.nn.functional as F
 
 from fedfm.data.encode import Encoded, make_batch
 from fedfm.privacy.accountant import KINDS, compute_epsilon, noise_multiplier_for
+from fedfm.privacy.noise import noise_generator
 
 log = logging.getLogger("fedfm")
 
@@ -413,7 +423,8 @@ class LocalDPSGD:
     next participation would take it past ``target_epsilon``); each
     :meth:`DPSGDSession.step` draws a Poisson batch, sets the noised, clipped
     mean gradient on the trainable parameters and counts the step in
-    :attr:`accountant`.
+    :attr:`accountant`. Batches and noise come from OS entropy unless
+    ``reproducible`` (module doc, "Randomness").
     """
 
     def __init__(
@@ -426,6 +437,7 @@ class LocalDPSGD:
         steps_per_round: Mapping[int, int] | None = None,
         engine: str = "auto",
         noise_share: float = 1.0,
+        reproducible: bool = False,
     ) -> None:
         if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
@@ -439,6 +451,8 @@ class LocalDPSGD:
         self.max_grad_norm = float(max_grad_norm)
         # a client's noise std is noise_share * sigma_i * C: 1 for local noise, 1 / sqrt(t) for distributed noise
         self.noise_share = float(noise_share)
+        # batches and noise from the session seed (research only) instead of OS entropy (module doc)
+        self.reproducible = bool(reproducible)
         self.target_epsilon = target_epsilon
         self.steps_per_round = dict(steps_per_round or {})  # for exhausted(): each client's local steps
         self.grads = PerExampleGradients(fm.model, fm.params, fm.task, engine)
@@ -531,7 +545,11 @@ class LocalDPSGD:
 
 
 class DPSGDSession:
-    """One client's participation: its Poisson sampler, its noise stream, its steps."""
+    """One client's participation: its Poisson sampler, its noise stream, its steps.
+
+    ``seed`` seeds both only when the owner is ``reproducible``; otherwise each
+    gets fresh OS entropy, kept in memory for this participation only.
+    """
 
     def __init__(self, owner: LocalDPSGD, cid: int, train_idx, seed: int) -> None:
         self.owner = owner
@@ -544,9 +562,12 @@ class DPSGDSession:
             )
         self.q = owner.accountant.q[cid]
         self.expected_batch_size = self.q * len(self.rows)  # min(B, n_i), or q·n_i with one sampling rate
-        self.batch_gen = torch.Generator().manual_seed(int(seed))
-        noise_seed = int(np.random.SeedSequence([int(seed), 0xD95]).generate_state(1, np.uint64)[0] >> 1)
-        self.noise_gen = torch.Generator().manual_seed(noise_seed)
+        batch_seed = noise_seed = None  # OS entropy
+        if owner.reproducible:
+            batch_seed = int(seed)
+            noise_seed = int(np.random.SeedSequence([int(seed), 0xD95]).generate_state(1, np.uint64)[0] >> 1)
+        self.batch_gen = noise_generator(batch_seed)
+        self.noise_gen = noise_generator(noise_seed)
 
     def step(self) -> torch.Tensor:
         """Set ``(Σ clip(g_b) + N(0, s²σ²C²)) / (q·n)`` as ``.grad`` (``s`` = noise share); return ``Σ loss_b / (q·n)``.

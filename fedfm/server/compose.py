@@ -8,6 +8,7 @@ privatizer the :class:`~fedfm.client.trainer.LocalTrainer` holds.
 
 from __future__ import annotations
 
+import logging
 import math
 
 from fedfm.algorithms.base import Algorithm, Broadcast
@@ -30,6 +31,8 @@ from fedfm.robustness.aggregators import ServerUpdate, build_robust_fold, cohort
 from fedfm.client.data import Client
 from fedfm.client.trainer import LocalTrainer
 from fedfm.server.server import Server
+
+log = logging.getLogger("fedfm")
 
 
 class Privacy:
@@ -81,17 +84,32 @@ def root_update(trainer: LocalTrainer, algorithm: Algorithm, root_client: Client
 
 
 def build_server(cfg: RunConfig, num_clients: int, initial_state, *, wire=None, rank_of=None,
-                 trainer: LocalTrainer | None = None, root_client: Client | None = None) -> Server:
+                 trainer: LocalTrainer | None = None, root_client: Client | None = None,
+                 clients: list[Client] | None = None) -> Server:
     """The run's :class:`Server`: the algorithm, its fold wrapped by a robust rule or client-level DP.
 
     FLTrust also needs ``trainer`` and the server's ``root_client``; ``wire`` (the codecs) and
-    ``rank_of`` (HetLoRA ranks) are the run's.
+    ``rank_of`` (HetLoRA ranks) are the run's. ``clients`` (simulation): an update may claim
+    no more examples than its client's training rows (a deployment sets the cap from the rows
+    each node registered instead).
     """
     algorithm, privacy = build_algorithm_fold(cfg, num_clients, trainer, root_client)
     sa, asy = cfg.privacy.secure_aggregation, cfg.asynchronous
-    return Server(algorithm, initial_state, wire=wire, privacy=privacy, ema_decay=cfg.algorithm.ema_decay,
-                  secure=sa if sa.enabled else None, asynchronous=asy if asy.enabled else None,
-                  rank_of=rank_of, seed=cfg.seed)
+    server = Server(algorithm, initial_state, wire=wire, privacy=privacy, ema_decay=cfg.algorithm.ema_decay,
+                    secure=sa if sa.enabled else None, asynchronous=asy if asy.enabled else None,
+                    rank_of=rank_of, seed=cfg.seed, validation=cfg.validation)
+    if clients is not None:
+        server.example_cap = training_rows(clients)
+    return server
+
+
+def training_rows(clients: list[Client]):
+    """``cid -> len(train_idx)`` read at call time (continual stages change the rows), None for an unknown id."""
+
+    def rows(cid: int) -> int | None:
+        return len(clients[cid].train_idx) if 0 <= cid < len(clients) else None
+
+    return rows
 
 
 def build_algorithm_fold(cfg: RunConfig, num_clients: int, trainer=None, root_client=None):
@@ -156,9 +174,11 @@ def wrap_client_dp(cfg: RunConfig, algorithm: Algorithm, num_clients: int) -> Pr
             target_quantile=dp.target_quantile,
             clip_lr=dp.clip_lr,
             seed=cfg.seed,
+            reproducible=cfg.privacy.reproducible_noise,
         )
     except ValueError as err:
         raise FedfmError(f"privacy.client_dp: {err}") from None
+    warn_if_reproducible_noise(cfg, "privacy.client_dp")
     return Privacy(PrivacyAccountant(sigma, q, delta, kind=dp.accountant), dp.target_epsilon)
 
 
@@ -273,11 +293,23 @@ def build_dp_sgd(cfg: RunConfig, fm, enc, clients) -> LocalDPSGD | None:
         except ValueError as err:
             raise FedfmError(f"privacy.dp_sgd: {err}") from None
     accountant = SampleLevelAccountant(sigma, sizes, tc.batch_size, d.delta, d.accountant, d.sampling_rate)
-    dp = LocalDPSGD(fm, enc, accountant, d.max_grad_norm, d.target_epsilon, steps_per_round=steps, noise_share=share)
+    dp = LocalDPSGD(fm, enc, accountant, d.max_grad_norm, d.target_epsilon, steps_per_round=steps, noise_share=share,
+                    reproducible=cfg.privacy.reproducible_noise)
     dp.planned_participations = planned
     if dp.exhausted():
         raise FedfmError(
             f"privacy.dp_sgd: target_epsilon={d.target_epsilon} is below the epsilon of one participation "
             f"of every client (noise_multiplier={accountant.noise_multiplier:g})"
         )
+    warn_if_reproducible_noise(cfg, "privacy.dp_sgd")
     return dp
+
+
+def warn_if_reproducible_noise(cfg: RunConfig, mechanism: str) -> None:
+    """Log, as the mechanism is built at run start, that ``privacy.reproducible_noise`` makes its noise public."""
+    if cfg.privacy.reproducible_noise:
+        log.warning(
+            "%s: privacy.reproducible_noise=true derives the DP noise from seed=%d; the run is reproducible "
+            "but NOT private against anyone who has its config (leave it false for a real deployment)",
+            mechanism, cfg.seed,
+        )

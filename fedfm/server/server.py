@@ -6,13 +6,15 @@ One object owns everything the server does in a round, in this order:
    (and, under secure aggregation, the round's key-agreement session);
 2. :meth:`Server.broadcast` encodes the version a client downloads;
 3. :meth:`Server.receive` takes one encoded update from whatever channel
-   delivered it: decode it once (codecs included), check it once (the sender
-   is who it claims to be, names, shapes, dtypes, NaN/Inf, example count),
-   zero-pad a smaller HetLoRA rank, weight it by staleness in asynchronous
-   training, and fold it;
+   delivered it: decode it once (codecs included), check it once, before any
+   fold (the sender is who it claims to be, belongs to the round and reports
+   once; a plausible example count; names, shapes, dtypes, NaN/Inf; the norm
+   bounds: :mod:`fedfm.robustness.validate`), zero-pad a smaller HetLoRA rank,
+   weight it by staleness in asynchronous training, and fold it;
 4. :meth:`Server.close_round` unmasks the secure sum, finishes the fold (the
    algorithm's server optimizer step), publishes version ``v + 1``, folds it
-   into the EMA, steps the privacy accountant, and returns the round's record.
+   into the EMA, steps the privacy accountant, and returns the round's record
+   (with ``rejected`` and ``rejected_by_reason`` when it left updates out).
 
 The fold is the algorithm's own fold wrapped by whatever the config asks for
 (a robust rule, client-level DP; :mod:`fedfm.server.compose` builds it), so
@@ -39,7 +41,8 @@ from fedfm.compression.ledger import ByteLedger
 from fedfm.compression.wire import Wire, WireError
 from fedfm.models.lora_rank import pad
 from fedfm.privacy.secagg_crypto import SecAggAbort
-from fedfm.robustness.validate import update_problem
+from fedfm.config.schema import ValidationConfig
+from fedfm.robustness.validate import NormBound, examples_problem, l2_norm, tensors_problem
 from fedfm.seeds import derive_seed
 from fedfm.server import state as server_state
 from fedfm.server.ema import Ema
@@ -68,11 +71,14 @@ class Server:
         asynchronous: ``asynchronous`` when enabled (staleness weights, FedAsync mixing), else None.
         rank_of: a client's HetLoRA rank when below the global one, else None.
         seed: the public run seed (secure aggregation's per-round graph seed).
+        validation: the ``validation`` section (None: its defaults); its norm bounds are off
+            under secure aggregation (updates arrive masked) and client-level DP (it clips).
     """
 
     def __init__(self, algorithm: Algorithm, initial_state, *, wire: Wire | None = None, privacy=None,
                  ema_decay: float = 0.0, secure=None, asynchronous=None,
-                 rank_of: Callable[[int], int | None] | None = None, seed: int = 0) -> None:
+                 rank_of: Callable[[int], int | None] | None = None, seed: int = 0,
+                 validation: ValidationConfig | None = None) -> None:
         self.algorithm = algorithm
         self.global_state = clone(initial_state)
         self.version = 0
@@ -99,6 +105,10 @@ class Server:
         self._stale = 0
         # a client's most plausible example count (a deployed node's row count), or None: unbounded
         self.example_cap: Callable[[int], int | None] | None = None
+        bounded = secure is None and privacy is None  # masked updates cannot be measured; the DP fold clips
+        self.norms = NormBound.from_config(validation or ValidationConfig()) if bounded else None
+        self.cohort: set[int] | None = None  # the sync round's cohort (None: not told, or asynchronous)
+        self._reported: set[int] = set()  # clients whose update reached this round (one each)
         self.secure_transport = None  # how secure-aggregation messages reach clients (None: in this process)
 
     # -- what clients are told -----------------------------------------------------------
@@ -128,6 +138,10 @@ class Server:
         self.ledger.start_round()
         self._events, self._from = [], (len(self.rejected), self.uploads)
         self._aborted, self.session, self._taus, self._stale = None, None, [], 0
+        self.cohort = None if cohort is None or self.asynchronous is not None else set(cohort)
+        self._reported = set()
+        if self.norms is not None:
+            self.norms.open_round(self.global_state)
         self.algorithm.start(self.global_state, self.version)
         if self.secure is not None:
             try:
@@ -152,24 +166,30 @@ class Server:
             update = self.wire.decode_update(payload, self.global_state)
         except WireError as err:
             self._count(sender, "up", len(payload), len(payload) if self.wire.coded else None)
-            return self.reject(sender, str(err))
+            return self.reject(sender, str(err), "malformed")
         self._count(sender, "up", len(payload), Wire.raw_size(update) if self.wire.coded else None)
-        reason = self._problem(update, sender)
-        if reason is None and self.asynchronous is not None:
-            reason = self._weigh_by_staleness(update)
-        if reason is not None:
-            return self.reject(sender, reason)
+        problem = self._problem(update, sender)
+        norm = l2_norm(update.delta) if problem is None and self.norms is not None else None
+        if norm is not None:
+            reason = self.norms.problem(norm)
+            problem = None if reason is None else ("norm", reason)
+        if problem is None and self.asynchronous is not None:
+            problem = self._weigh_by_staleness(update)
+        if problem is not None:
+            return self.reject(sender, problem[1], problem[0])
         try:
             self.algorithm.add(update)
         except ValueError as err:  # the fold cannot take it (e.g. FedNova without a valid step count)
-            return self.reject(sender, str(err))
+            return self.reject(sender, str(err), "fold")
+        if norm is not None:
+            self.norms.accept(norm)
         return True
 
     def discard(self, payload: bytes, sender: int, reason: str) -> bool:
         """An update that reached the server too late to count: its bytes are counted, it is not folded."""
         self.uploads += 1
         self._count(sender, "up", len(payload), None)
-        return self.reject(sender, reason)
+        return self.reject(sender, reason, "late")
 
     def forget(self, cid: int) -> None:
         """Client ``cid`` will not report (it dropped out or sat out): it no longer holds a version."""
@@ -189,11 +209,16 @@ class Server:
         self.global_state = clone(state)
         self._down = None
 
-    def reject(self, cid: int, reason: str) -> bool:
-        """Log and keep a rejection; returns False (nothing was folded)."""
+    def reject(self, cid: int, reason: str, kind: str | None = None) -> bool:
+        """Log and keep a rejection; returns False (nothing was folded).
+
+        ``kind`` is the short reason the round's record counts it under (``rejected_by_reason``);
+        None: the reason's leading ``word:`` (``late: ...``, ``withheld: ...``), else ``other``.
+        """
         self.holding.pop(cid, None)
         log.warning("round %d: rejected update from client %d: %s", self.round_idx, cid, reason)
-        self.rejected.append({"round": self.round_idx, "client": cid, "reason": reason})
+        self.rejected.append({"round": self.round_idx, "client": cid, "reason": reason,
+                              "kind": kind or reason_kind(reason)})
         return False
 
     def close_round(self) -> dict:
@@ -220,25 +245,56 @@ class Server:
             record.update(self.privacy.record())
         for fold in folds(self.algorithm.fold):  # the DP fold's clipping, FLTrust's trust scores ...
             record.update(fold.round_stats())
-        return {**record, **self.ledger.snapshot()}
+        if self.norms is not None:
+            self.norms.close_round()
+        return {**record, **self._rejection_record(), **self.ledger.snapshot()}
+
+    def _rejection_record(self) -> dict:
+        """``rejected`` (count) and ``rejected_by_reason`` (kind -> count) of this round; {} when none."""
+        mine = self.rejected[self._from[0]:]
+        if not mine:
+            return {}
+        by_reason: dict[str, int] = {}
+        for r in mine:
+            kind = r.get("kind") or reason_kind(r["reason"])
+            by_reason[kind] = by_reason.get(kind, 0) + 1
+        return {"rejected": len(mine), "rejected_by_reason": dict(sorted(by_reason.items()))}
 
     # -- checks and transforms of one update --------------------------------------------
-    def _problem(self, update: Update, sender: int) -> str | None:
-        """Why ``update`` from ``sender`` must be left out, or None (HetLoRA updates are padded here)."""
-        if update.client_id != sender:
-            return f"claims to be client {update.client_id}"
+    def _problem(self, update: Update, sender: int) -> tuple[str, str] | None:
+        """``(kind, reason)`` why ``update`` from ``sender`` must be left out, or None (HetLoRA is padded here)."""
+        who = self._sender_problem(update, sender)
+        if who is not None:
+            return who
         cap = self.example_cap(sender) if self.example_cap is not None else None
-        if cap is not None and update.num_examples > cap:
-            return f"claims {update.num_examples} training examples, more than the {cap} rows it holds"
+        reason = examples_problem(update.num_examples, cap)
+        if reason is not None:
+            return "examples", reason
         rank = self.rank_of(sender) if self.rank_of is not None else None
         if rank is not None:
             try:
                 update.delta = pad(update.delta, self.global_state, rank)
             except ValueError as err:
-                return str(err)
-        return update_problem(update, self.global_state)
+                return "invalid", str(err)
+        reason = tensors_problem(update, self.global_state)
+        return None if reason is None else ("invalid", reason)
 
-    def _weigh_by_staleness(self, update: Update) -> str | None:
+    def _sender_problem(self, update: Update, sender: int) -> tuple[str, str] | None:
+        """The sender is who it claims, belongs to the round and reports for the first time (or why not)."""
+        if update.client_id != sender:
+            return "identity", f"claims to be client {update.client_id}"
+        if self.asynchronous is not None:
+            if sender not in self.holding:
+                return "unknown_client", f"client {sender} holds no version it was sent (unknown, or already reported)"
+            return None
+        if self.cohort is not None and sender not in self.cohort:
+            return "unknown_client", f"client {sender} is not in round {self.round_idx}'s cohort"
+        if sender in self._reported:
+            return "duplicate", f"client {sender} already sent an update in round {self.round_idx}"
+        self._reported.add(sender)
+        return None
+
+    def _weigh_by_staleness(self, update: Update) -> tuple[str, str] | None:
         """FedBuff scales a stale delta by ``s(tau)``; FedAsync mixes it into the current version.
 
         FedBuff (Nguyen et al. 2022): ``delta * s(tau)``. FedAsync (Xie et al. 2019):
@@ -247,11 +303,11 @@ class Server:
         cfg = self.asynchronous
         held = self.holding.pop(update.client_id, None)
         if held is None or held != update.base_version:
-            return f"reports base version {update.base_version}, but it downloaded {held}"
+            return "base_version", f"reports base version {update.base_version}, but it downloaded {held}"
         tau = self.version - update.base_version
         if cfg.max_staleness is not None and tau > cfg.max_staleness:
             self._stale += 1
-            return f"stale: staleness {tau} > max_staleness {cfg.max_staleness}"
+            return "stale", f"stale: staleness {tau} > max_staleness {cfg.max_staleness}"
         s = staleness_weight(tau, cfg.staleness, cfg.staleness_exponent, cfg.hinge_a, cfg.hinge_b)
         if cfg.method == "fedasync":
             base, g = self.bases[update.base_version], self.global_state
@@ -285,8 +341,9 @@ class Server:
         self._events.append([cid, direction, nbytes, raw])
 
     def round_facts(self) -> dict:
-        """What this process's server saw of the round so far (ledger entries, rejections, uploads)."""
-        return {"events": self._events, "rejected": self.rejected[self._from[0]:], "uploads": self.uploads - self._from[1]}
+        """What this process's server saw of the round so far (ledger entries, rejections, uploads, accepted norms)."""
+        return {"events": self._events, "rejected": self.rejected[self._from[0]:], "uploads": self.uploads - self._from[1],
+                "norms": [] if self.norms is None else list(self.norms.round_norms)}
 
     def absorb(self, facts: dict) -> None:
         """Take in what another simulation worker's server saw of the round (see :meth:`round_facts`)."""
@@ -294,6 +351,8 @@ class Server:
             self.ledger.record(cid, direction, nbytes, raw=raw)
         self.rejected.extend(facts["rejected"])
         self.uploads += facts["uploads"]
+        if self.norms is not None:
+            self.norms.round_norms.extend(facts.get("norms", []))
 
     def partial(self):
         """The fold's running sums and scalars (summed across simulation workers, then :meth:`merge`)."""
@@ -313,6 +372,12 @@ class Server:
 
     def load_state_dict(self, meta: dict, tensors: Mapping[str, torch.Tensor], orders: dict) -> None:
         server_state.load(self, meta, tensors, orders)
+
+
+def reason_kind(reason: str) -> str:
+    """The short kind of a rejection reason written as ``word: detail`` (``late``, ``withheld``), else ``other``."""
+    head = reason.split(":", 1)[0]
+    return head if head != reason and head.isidentifier() and head.islower() else "other"
 
 
 def folds(fold):

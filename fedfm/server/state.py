@@ -5,8 +5,9 @@ average, when on), ``server_opt/<slot>/<name>`` (the server optimizer's
 moments), ``scaffold_c`` (SCAFFOLD's control variate), ``server/base/<v>``
 (versions that FedAsync clients in flight started from). JSON: version, the
 fold's own counters (the DP fold's noise-stream index and clip norm), the
-accountant, the byte ledger, the rejected updates, the upload count and the
-asynchronous bookkeeping (who holds which version, staleness seen).
+accountant, the byte ledger, the rejected updates, the upload count, the
+update validation's history of accepted norms (its running median's input)
+and the asynchronous bookkeeping (who holds which version, staleness seen).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def save(server, tensors: dict, orders: dict) -> dict:
         },
         "uploads": int(server.uploads),
         "rejected": list(server.rejected),
+        "norms": None if server.norms is None else server.norms.state_dict(),
         "holding": {str(c): v for c, v in server.holding.items()},
         "bases": list(server.bases),
         "staleness_seen": list(server.staleness_seen),
@@ -63,6 +65,8 @@ def load(server, meta: dict, tensors: Mapping[str, torch.Tensor], orders: dict) 
         ledger.per_client[int(c)] = {k: int(n) for k, n in v.items()}
     server.uploads = int(meta["uploads"])
     server.rejected = list(meta["rejected"])
+    if server.norms is not None:  # a checkpoint from before update validation kept no norms
+        server.norms.load_state_dict(meta.get("norms") or [])
     server.holding = {int(c): int(v) for c, v in meta["holding"].items()}
     server.bases = {int(v): get_group(tensors, orders, f"server/base/{v}") for v in meta["bases"]}
     server.staleness_seen = [int(t) for t in meta["staleness_seen"]]
