@@ -165,13 +165,14 @@ def test_fedbuff_through_the_grid_folds_stale_replies(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [
-    {"privacy.client_dp.enabled": True, "privacy.client_dp.noise_multiplier": 0.5, "privacy.client_dp.clip_norm": 0.5},
+    {"privacy.client_dp.enabled": True, "privacy.client_dp.noise_multiplier": 0.5, "privacy.client_dp.clip_norm": 0.5,
+     "privacy.reproducible_noise": True},
     {"robust.rule": "median", "federation.clients_per_round": 3},
     {"algorithm.name": "scaffold", "train.optimizer": "sgd", "train.lr": 0.05},
     {"personalization.method": "fedper"},
     {"privacy.secure_aggregation.enabled": True, "federation.clients_per_round": 3},
     {"privacy.secure_aggregation.enabled": True, "privacy.client_dp.enabled": True, "federation.clients_per_round": 3,
-     "privacy.client_dp.noise_multiplier": 0.5, "privacy.client_dp.clip_norm": 0.5},
+     "privacy.client_dp.noise_multiplier": 0.5, "privacy.client_dp.clip_norm": 0.5, "privacy.reproducible_noise": True},
 ], ids=["client_dp", "median", "scaffold", "fedper", "secagg", "secagg_client_dp"])
 def test_server_and_node_features_compose_as_in_simulation(tmp_path, extra):
     """Client-level DP, a robust rule, SCAFFOLD's client state, FedPer's personal head: deployed = simulated."""

@@ -59,3 +59,19 @@ class ReservoirBuffer:
     def training_rows(self, new_rows: np.ndarray) -> np.ndarray:
         """What the client trains on in a stage: its new rows plus the buffer (each row once, sorted)."""
         return np.union1d(np.asarray(new_rows, dtype=np.int64), self._items)
+
+
+def client_buffer(replay, seed: int, cid: int) -> ReservoirBuffer | None:
+    """Client ``cid``'s buffer for ``continual.replay`` (None when off), seeded alike in a simulation and on a node."""
+    from fedfm.seeds import derive_seed
+
+    return ReservoirBuffer(replay.capacity, seed=derive_seed(seed, cid, 0x4E9)) if replay.enabled else None
+
+
+def reveal(new_rows: np.ndarray, buffer: ReservoirBuffer | None) -> np.ndarray:
+    """A new stage for one client: what it trains on (its new rows plus its buffer); then the new rows are offered."""
+    if buffer is None:
+        return new_rows
+    rows = buffer.training_rows(new_rows)
+    buffer.offer(new_rows)
+    return rows

@@ -42,7 +42,7 @@ def plot_continual(records: list[dict], R: Sequence[Sequence[float | None]], nam
     ax.set_title(f"{metric} per task")
     ax.legend(fontsize=8)
     ax = axes[2]
-    train = [r for r in records if not math.isnan(r.get("train_loss", float("nan")))]
+    train = [r for r in records if r.get("train_loss") is not None and not math.isnan(r["train_loss"])]  # null: none
     ax.plot([r["round"] for r in train], [r["train_loss"] for r in train], ".-", label="train loss (cohort)")
     for r in records:
         if r.get("stage_end"):

@@ -12,6 +12,9 @@ task ``k`` has its own test rows.
 * ``stream=windows`` (arrival over time): the dataset order is the time order;
   each client's shard, in that order, is cut into ``num_windows`` consecutive
   windows of near-equal size, and so is the global test set.
+
+A plan's :attr:`StreamPlan.rule` is all a client needs to cut its own rows the
+same way (:func:`client_stages`): a deployed node does it on its own data.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ class StreamPlan:
     names: list[str]  # one display name per stage ("business+tech", "window 2")
     train: list[list[np.ndarray]]  # [stage][client] -> sorted row indices
     test: list[np.ndarray]  # [stage] -> sorted global test row indices
+    tasks: list[list[str]] | None = None  # stream=tasks: the names each stage reveals (None: windows)
+
+    @property
+    def rule(self) -> dict:
+        """How a client cuts its own rows into the stages (:func:`client_stages`), as JSON."""
+        return {"tasks": self.tasks} if self.tasks is not None else {"windows": self.num_stages}
 
     @property
     def num_stages(self) -> int:
@@ -75,24 +84,56 @@ def plan_tasks(ds, shards: list[np.ndarray], test_idx: np.ndarray, tasks: list[l
     if unknown:
         shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
         raise FedfmError(f"continual.tasks names {', '.join(unknown)}, not in the dataset (it has: {shown})")
-    stage_of = {n: k for k, t in enumerate(tasks) for n in t}
-    stage = np.array([stage_of.get(n, -1) for n in per_example], dtype=np.int64)
-    train = [[np.sort(s[stage[s] == k]) for s in shards] for k in range(len(tasks))]
-    test = [np.sort(test_idx[stage[test_idx] == k]) for k in range(len(tasks))]
+    stage = stage_of_examples(per_example, tasks)
+    train = _by_stage([split_by_task(stage, s, len(tasks)) for s in shards], len(tasks))
+    test = split_by_task(stage, test_idx, len(tasks))
     for k, rows in enumerate(test):
         if len(rows) == 0:
             raise FedfmError(f"continual task {'+'.join(tasks[k])} has no held-out test examples (raise data.test_fraction)")
-    return StreamPlan(names=["+".join(t) for t in tasks], train=train, test=test)
+    return StreamPlan(names=["+".join(t) for t in tasks], train=train, test=test, tasks=tasks)
+
+
+def stage_of_examples(per_example: list[str], tasks: list[list[str]]) -> np.ndarray:
+    """The stage of every example: the task naming its task name (-1: none does, never revealed)."""
+    stage_of = {n: k for k, t in enumerate(tasks) for n in t}
+    return np.array([stage_of.get(n, -1) for n in per_example], dtype=np.int64)
+
+
+def split_by_task(stage: np.ndarray, rows: np.ndarray, num_stages: int) -> list[np.ndarray]:
+    """``rows`` cut by ``stage`` (of every example): the sorted rows of each stage."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return [np.sort(rows[stage[rows] == k]) for k in range(num_stages)]
+
+
+def split_by_window(rows: np.ndarray, num_windows: int) -> list[np.ndarray]:
+    """``rows`` in dataset order cut into ``num_windows`` consecutive windows of near-equal size."""
+    return [np.sort(w) for w in np.array_split(np.sort(np.asarray(rows, dtype=np.int64)), num_windows)]
+
+
+def _by_stage(per_client: list[list[np.ndarray]], num_stages: int) -> list[list[np.ndarray]]:
+    """``[client][stage]`` -> ``[stage][client]``."""
+    return [[rows[k] for rows in per_client] for k in range(num_stages)]
 
 
 def plan_windows(shards: list[np.ndarray], test_idx: np.ndarray, num_windows: int) -> StreamPlan:
     """Stages by time: each client's shard and the test set, in dataset order, cut into consecutive windows."""
-    test = [np.sort(w) for w in np.array_split(np.sort(test_idx), num_windows)]
+    test = split_by_window(test_idx, num_windows)
     if any(len(w) == 0 for w in test):
         raise FedfmError(f"continual.num_windows={num_windows} exceeds the {len(test_idx)} held-out test examples")
-    train = [[np.sort(w) for w in np.array_split(np.sort(s), num_windows)] for s in shards]
-    train = [[train[c][k] for c in range(len(shards))] for k in range(num_windows)]
+    train = _by_stage([split_by_window(s, num_windows) for s in shards], num_windows)
     return StreamPlan(names=[f"window {k}" for k in range(num_windows)], train=train, test=test)
+
+
+def client_stages(rule: dict, ds, shard: np.ndarray) -> list[np.ndarray]:
+    """One client's new rows in every stage, cut from its own ``shard`` of ``ds`` by a plan's :attr:`StreamPlan.rule`.
+
+    The same cut :func:`plan_stream` makes of every shard: a deployed node applies it
+    to its own rows (the task names come from the server, so the stages agree).
+    """
+    if "tasks" in rule:
+        tasks = rule["tasks"]
+        return split_by_task(stage_of_examples(task_names_of(ds), tasks), shard, len(tasks))
+    return split_by_window(shard, int(rule["windows"]))
 
 
 def plan_stream(cfg, ds, shards: list[np.ndarray], test_idx: np.ndarray) -> StreamPlan:
@@ -102,6 +143,6 @@ def plan_stream(cfg, ds, shards: list[np.ndarray], test_idx: np.ndarray) -> Stre
     else:
         plan = plan_windows(shards, test_idx, cfg.num_windows)
     for k, parts in enumerate(plan.train):
-        if sum(len(p) for p in parts) == 0:
+        if shards and sum(len(p) for p in parts) == 0:  # (a deployed server holds no shard: only the test cut)
             raise FedfmError(f"continual stage {k} ({plan.names[k]}) reveals no training example to any client")
     return plan

@@ -10,6 +10,9 @@ its own :class:`~fedfm.server.server.Server` and
   through Flower's Grid (:mod:`fedfm.deploy.driver`; FedBuff/FedAsync in
   :mod:`fedfm.deploy.asynchronous`; secure aggregation's stages in
   :mod:`fedfm.deploy.secure`), writing the same run folder as ``fedfm run``;
+  a continual run keeps the server up across stages with the simulation's
+  stage loop, the nodes cutting their own rows into stages
+  (:mod:`fedfm.deploy.continual`);
 * :mod:`fedfm.deploy.client_app` — the Flower ClientApp: a thin forwarder that
   Flower starts for every message; it hands the message to the node's
   resident worker (:mod:`fedfm.deploy.node`), which keeps the foundation

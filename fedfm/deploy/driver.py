@@ -20,6 +20,11 @@ to (Flower authenticates nodes when ``--enable-supernode-auth`` is on).
 (``dropped``), node-side failures are counted (``failed``) with their reason
 logged. With fewer than ``deploy.min_replies`` updates folded nothing is
 released that round (``aborted``).
+
+**Continual runs.** With ``stages`` set (:class:`fedfm.deploy.continual.NodeStages`)
+every train message also names the stage, and carries the regularizer's
+anchor to a node that lacks it; a node admitted is reported to it, and so is
+one that failed, dropped out or was late (the anchor goes again with its next train message).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class Deployment:
         self.malicious: set[int] = set()  # attacks are simulated only
         self.clock = 0.0
         self.wire = {"up": 0, "down": 0}  # fedfm payload bytes in the Flower messages of train rounds
+        self.stages = None  # a continual run: fedfm.deploy.continual.NodeStages (the stage in every train message)
         server.example_cap = self.rows.get  # an update may not weigh more rows than its node said it holds
         if server.secure is not None:  # the secure-aggregation protocol's stages go over the network
             from fedfm.deploy.secure import FlowerSecAgg
@@ -125,6 +131,8 @@ class Deployment:
                 return
             cid = self.cid_of_name[name] = len(self.cid_of_name)
         self.node_of[cid], self.rows[cid] = node, rows
+        if self.stages is not None:
+            self.stages.admitted(cid)
         log.info("node %s joined as client %d (%d rows)", name, cid, rows)
 
     def live(self) -> list[int]:
@@ -158,16 +166,15 @@ class Deployment:
         timeout = self.cfg.deploy.round_timeout_s
         session = server.session
         targets = cohort if session is None else ([] if server.aborted else session.expected)
-        messages = {c: self.message(self.header("train", round=round_idx, cid=c, secure=session is not None),
-                                    server.broadcast(c), self.node_of[c], "train", timeout,
-                                    extra=None if session is None else secagg_pack(session.share_message(c)))
-                    for c in targets}
+        messages = {c: self.train_message(c, round_idx, timeout) for c in targets}
         self.wire["down"] += sum(payload_size(m) for m in messages.values())
 
         def on_reply(cid: int, reply: Message) -> None:
             outcome, header = self.deliver(cid, reply, f"round {round_idx}")
             if outcome in ("failed", "dropped"):
                 (failed if outcome == "failed" else dead).append(cid)
+                if self.stages is not None:
+                    self.stages.unsure(cid)
             elif outcome == "folded":
                 tally.accepted += 1
                 tally.losses.append(float(header.get("loss", float("nan"))))
@@ -178,6 +185,8 @@ class Deployment:
         late = sorted(self.exchange(messages, timeout, on_reply))
         for cid in late:
             server.forget(cid)
+            if self.stages is not None:
+                self.stages.unsure(cid)
             log.warning("round %d: client %d did not reply within %gs: dropped", round_idx, cid, timeout)
         if tally.accepted < self.cfg.deploy.min_replies:
             server.abort_round(f"{tally.accepted} update(s) folded, deploy.min_replies={self.cfg.deploy.min_replies}")
@@ -189,6 +198,16 @@ class Deployment:
         return out
 
     # -- messages --------------------------------------------------------------------
+    def train_message(self, cid: int, round_idx: int, timeout: float) -> Message:
+        """Client ``cid``'s train request: the broadcast; the round's shares under secure aggregation;
+        in a continual run the stage (and, when its node lacks it, the regularizer's anchor)."""
+        session, payload = self.server.session, self.server.broadcast(cid)
+        fields, extra = ({}, None) if self.stages is None else self.stages.train_fields(cid)
+        if session is not None:  # (a continual regularizer's anchor and secure aggregation are not deployed together)
+            extra = secagg_pack(session.share_message(cid))
+        header = self.header("train", round=round_idx, cid=cid, secure=session is not None, **fields)
+        return self.message(header, payload, self.node_of[cid], "train", timeout, extra=extra)
+
     def deliver(self, cid: int, reply: Message, where: str) -> tuple[str, dict]:
         """Hand client ``cid``'s train reply to the server: ``(outcome, reply header)``.
 

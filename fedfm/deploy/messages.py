@@ -75,6 +75,14 @@ def _bytes(content: RecordDict, name: str) -> bytes | None:
     return array.numpy().tobytes()
 
 
+def header_int(header: dict, key: str) -> int:
+    """``header[key]`` when it is a non-negative integer; a one-line :class:`MessageError` otherwise."""
+    value = header.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MessageError(f"request field {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def payload_size(message) -> int:
     """Bytes of fedfm payload in a Flower message (0 without one, e.g. Flower's error reply for a dead node)."""
     if not message.has_content():

@@ -22,6 +22,11 @@ so the foundation model loads once per run, not once per message. The
 client's private state (error-feedback residuals, SCAFFOLD's control
 variate) is kept in memory and written to the node's state folder after
 every round, so a node restarted mid-run picks it up again.
+
+In a continual run every ``train`` names the stage: the node trains on its
+own rows of that stage, with its replay buffer and the regularizer's anchor
+(sent with its first train message of a stage), all kept in the client's
+private state too (:class:`fedfm.deploy.continual.NodeStream`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfm.deploy.messages import MessageError
+from fedfm.deploy.messages import header_int as _int
 from fedfm.errors import FedfmError
 
 log = logging.getLogger("fedfm")
@@ -49,6 +56,7 @@ class NodeSession:
     app: object  # fedfm.client.client.ClientApp
     client: object  # fedfm.client.data.Client
     fold: object  # the run's server fold, as composed on the server: the shape of a secure summand
+    stream: object = None  # a continual run: fedfm.deploy.continual.NodeStream (its stages, buffer, anchor)
 
 
 class NodeMasking:
@@ -96,7 +104,7 @@ class NodeWorker:
             if kind == "secagg":
                 return self.secagg(header, payload)
             return {"error": f"unknown request kind {kind!r}"}, None
-        except FedfmError as err:
+        except (FedfmError, MessageError) as err:
             log.error("node %s: %s", self.name, err)
             return {"error": str(err)}, None
         except Exception as err:  # noqa: BLE001 - report it to the server, keep serving
@@ -108,7 +116,7 @@ class NodeWorker:
 
     def _read(self, cfg):
         """This node's rows read with the run's columns (read once per data settings)."""
-        key = cfg.data.model_dump_json() + cfg.model.task
+        key = cfg.data.model_dump_json() + cfg.model.task + str(_keeps_groups(cfg))
         if self._data is None or self._data[0] != key:
             self._data = (key, _local_dataset(cfg, self.data_path))
         return self._data[1]
@@ -118,6 +126,8 @@ class NodeWorker:
             raise FedfmError("a train request without the server's broadcast")
         round_idx, cid = _int(header, "round"), _int(header, "cid")
         session = self._session(header, cid)
+        if session.stream is not None:  # the header's stage: this node's rows of it (and a new anchor, if sent)
+            session.stream.enter(header, extra if "anchor" in header else None)
         secure = self._masking(session, cid, round_idx, payload, extra) if header.get("secure") else None
         reply = session.app.fit(session.client, payload, round_idx, secure=secure)
         self._save_state(session)
@@ -214,10 +224,23 @@ class NodeWorker:
         client = Client(cid=cid, train_idx=train, test_idx=test)
         session = NodeSession(key, cfg, ClientApp(trainer, algorithm, Wire(cfg.compression, cfg.seed)), client,
                               algorithm.fold)
+        if cfg.continual.enabled:
+            self._stream(session, train, ds, fm, enc)
         self._load_state(session)
         log.info("node %s: built client %d of run %s (%d train / %d test rows)", self.name, cid, cfg.name,
                  len(train), len(test))
         return session
+
+    @staticmethod
+    def _stream(session: NodeSession, shard, ds, fm, enc) -> None:
+        """A continual run: the client's stages on this node, as the simulation's loop wraps its client side."""
+        from fedfm.deploy.continual import NodeStream
+        from fedfm.drivers.continual import StageTrainer, client_algorithm
+
+        session.stream = NodeStream(session.cfg, session.client, shard, ds, fm, enc)
+        app = session.app
+        app.trainer = StageTrainer(app.trainer, None, None)  # no rows in a stage: it sits the round out
+        app.algorithm = client_algorithm(app.algorithm, session.stream.regularizer)
 
     def _load_state(self, session: NodeSession) -> None:
         from fedfm.client.state import blob_metadata, unpack_client_states
@@ -246,19 +269,18 @@ def _config(header: dict):
     return config_from_text(text)
 
 
-def _int(header: dict, key: str) -> int:
-    value = header.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise FedfmError(f"request field {key!r} must be a non-negative integer, got {value!r}")
-    return value
-
-
 def _local_dataset(cfg, path: Path):
     """This node's rows, read with the run's columns (label ids in its own sorted order)."""
     from fedfm.data.sources import load_text_dataset
 
-    data = cfg.data.model_copy(update={"dataset": str(path), "group_column": None, "max_examples": None})
-    return load_text_dataset(data, cfg.model.task, seed=cfg.seed)
+    group = cfg.data.group_column if _keeps_groups(cfg) else None
+    data = cfg.data.model_copy(update={"dataset": str(path), "group_column": group, "max_examples": None})
+    return load_text_dataset(data, cfg.model.task, seed=cfg.seed, min_classes=1)  # a shard may hold one class
+
+
+def _keeps_groups(cfg) -> bool:
+    """A continual stream of tasks over unlabelled rows names groups (a play of ``play:role``): read that column."""
+    return cfg.continual.enabled and cfg.continual.stream == "tasks" and cfg.model.task != "seq_cls"
 
 
 def _with_labels(ds, labels, path: Path):

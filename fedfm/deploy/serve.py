@@ -9,13 +9,18 @@ with the run's algorithm, robust rule, client-level DP and codecs, and the
 ``asynchronous.enabled``, :class:`~fedfm.deploy.asynchronous.AsyncDeployment` on top of it. Then it runs the same loop,
 checkpoints and run folder as a simulation (:mod:`fedfm.runner`): config.yaml,
 metrics.jsonl, summary.json, final_state.safetensors, metrics.png,
-checkpoints/ — and ``resume`` continues from the latest checkpoint.
+checkpoints/ — and ``resume`` continues from the latest checkpoint. The server
+owns the run folder while it serves (:func:`fedfm.run_folder.claim`).
+With ``continual.enabled`` the loop is the simulation's always-on stage loop
+(:class:`~fedfm.drivers.continual.ContinualLoop`), its clients' side
+over the network (:class:`~fedfm.deploy.continual.NodeStages`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from fedfm import run_folder
 from fedfm.build import Run, build_clients, limit_test, start_run
 from fedfm.client.batched import check_batching
 from fedfm.compression import check_compression
@@ -24,7 +29,10 @@ from fedfm.config import RunConfig, to_dict
 from fedfm.config.schema import DevicesConfig
 from fedfm.data.encode import encode
 from fedfm.deploy.asynchronous import AsyncDeployment
+from fedfm.deploy.continual import NodeStages
 from fedfm.deploy.driver import Deployment
+from fedfm.drivers.continual import ContinualLoop
+from fedfm.drivers.continual import check_supported as check_continual
 from fedfm.drivers.devices import Fleet
 from fedfm.errors import FedfmError
 from fedfm.eval.report import write_json
@@ -42,7 +50,11 @@ UNSUPPORTED = (
     (lambda c: c.privacy.dp_sgd.enabled, "privacy.dp_sgd: not deployed yet"),
     (lambda c: c.privacy.secure_aggregation.dropout > 0,
      "privacy.secure_aggregation.dropout: simulated drop-outs; real nodes drop out by themselves"),
-    (lambda c: c.continual.enabled, "continual: not deployed yet"),
+    (lambda c: c.continual.enabled and c.asynchronous.enabled,
+     "continual with asynchronous training: not combined yet (nor in a simulation)"),
+    (lambda c: c.continual.enabled and c.continual.regularizer.name != "none" and c.privacy.secure_aggregation.enabled,
+     "continual.regularizer with privacy.secure_aggregation: not deployed yet "
+     "(both ride a train message's second payload)"),
     (lambda c: c.robust.rule == "fltrust", "robust.rule=fltrust: not deployed yet (needs the server's root data)"),
     (lambda c: c.train.batch_clients > 1, "train.batch_clients: a node trains one client"),
 )
@@ -53,6 +65,8 @@ def check_deployable(cfg: RunConfig) -> None:
     check_personalization(cfg)
     check_compression(cfg)
     check_batching(cfg)
+    if cfg.continual.enabled:
+        check_continual(cfg)  # what the stage loop refuses in a simulation, it refuses deployed
     for asked, why in UNSUPPORTED:
         if asked(cfg):
             raise FedfmError(f"cannot deploy this config: {why}")
@@ -65,16 +79,34 @@ def serve(grid, cfg: RunConfig, resume: bool = False, console=None) -> dict:
     check_deployable(cfg)
     if resume:
         cfg = checkpoint.resume_config(cfg.out, to_dict(cfg))
-    r = build_server_run(cfg, grid)
+    with run_folder.claim(cfg.out, resume=resume) as folder, run_folder.io_errors():  # held to the end
+        r = build_server_run(cfg, grid)
+        folder.started()
+        return serve_built(r, resume, console)
+
+
+def serve_built(r: Run, resume: bool, console) -> dict:
+    """Restore (``resume``), wait for the nodes, loop and finish a built server run; the summary."""
+    if r.cfg.continual.enabled:  # the simulation's always-on stage loop; the nodes reveal their own rows
+        loop = ContinualLoop(r, NodeStages)
+        kept = loop.restore(r.out if resume else None)
+        join_nodes(r)
+        loop.run(kept, console)
+        return loop.finish()
     kept, start_round = restore(r, r.out if resume else None)
-    deploy = cfg.deploy
-    r.sim.join(deploy.min_nodes or cfg.federation.clients_per_round, deploy.join_timeout_s)
+    join_nodes(r)
+    metrics_log, stop_reason, progress = run_rounds(r, True, kept, start_round, console)
+    return finish(r, metrics_log.records, stop_reason, progress)
+
+
+def join_nodes(r: Run) -> None:
+    """Wait for ``deploy.min_nodes`` nodes; write partition.json (each node's name, client id and row count)."""
+    cfg = r.cfg
+    r.sim.join(cfg.deploy.min_nodes or cfg.federation.clients_per_round, cfg.deploy.join_timeout_s)
     sizes = np.array([r.sim.rows[c] for c in r.sim.live()], dtype=np.float64)
     r.stats = {"size_min": int(sizes.min()), "size_max": int(sizes.max()), "size_mean": float(sizes.mean())}
     nodes = {name: {"client": cid, "rows": r.sim.rows.get(cid)} for name, cid in r.sim.cid_of_name.items()}
     write_json(r.out / "partition.json", {**r.stats, "nodes": nodes})  # counts only: the rows stay on the nodes
-    metrics_log, stop_reason, progress = run_rounds(r, True, kept, start_round, console)
-    return finish(r, metrics_log.records, stop_reason, progress)
 
 
 def build_server_run(cfg: RunConfig, grid) -> Run:

@@ -26,6 +26,16 @@ buffers, the regularizer's anchor, the per-task states and the accuracy
 matrix, all in a checkpoint section, so ``fedfm run --resume`` continues a
 killed continual run where it stopped, mid-stage or between stages.
 
+The loop is split at the clients. The server side (the stage plan, the
+rounds, scoring every seen task on the server's test rows, the forgetting
+metrics, per-task states, checkpoints, the run folder) is :class:`ContinualLoop`
+and is the same everywhere. What happens *on* the clients at a stage's start
+and end (revealing each client's new rows, its replay buffer, the regularizer's
+anchor and EWC's Fisher) sits behind :class:`StageClients`: a simulation's
+clients are in this process (:class:`InProcessClients`); a deployment's are
+Flower nodes that do the same on their own rows when a train message tells
+them the stage (:class:`fedfm.deploy.continual.NodeStages`).
+
 Refused, each with its reason (:func:`check_supported`): client-level DP and
 local DP-SGD (their accountants are calibrated for a fixed number of rounds
 and fixed client data sizes; a stream changes both), data-poisoning attacks
@@ -38,6 +48,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -48,7 +59,7 @@ from fedfm.config import RunConfig
 from fedfm.continual.evaluate import evaluate_tasks, pooled
 from fedfm.continual.metrics import stage_metrics
 from fedfm.continual.regularizers import AnchorRegularizer, RegularizedAlgorithm
-from fedfm.continual.replay import ReservoirBuffer
+from fedfm.continual.replay import client_buffer, reveal
 from fedfm.continual.report import plot_continual
 from fedfm.continual.stream import StreamPlan, plan_stream
 from fedfm.drivers.workers import evaluation, run_in_group, start_workers
@@ -58,7 +69,6 @@ from fedfm.eval.summary import make_summary, state_metadata
 from fedfm.models.state import save_state, set_state_, state_to_bytes
 from fedfm.eval.progress import RunProgress
 from fedfm.registry import ATTACKS, NEEDS_ROOT_DATA, POISONS_DATA, ROBUST_RULES
-from fedfm.seeds import derive_seed
 from fedfm.server import checkpoint
 from fedfm.server.compose import build_algorithm_fold
 from fedfm.server.server import clone
@@ -115,6 +125,91 @@ class StageTrainer:
         return self.trainer.local_update(algo, broadcast, client, round_idx)
 
 
+def build_regularizer(cfg: RunConfig) -> AnchorRegularizer | None:
+    """The configured pull toward the previous stage's global model (``continual.regularizer``), or None."""
+    reg = cfg.continual.regularizer
+    return None if reg.name == "none" else AnchorRegularizer(reg.name, reg.strength, reg.fisher_examples, cfg.seed)
+
+
+def client_algorithm(algorithm, regularizer: AnchorRegularizer | None):
+    """The algorithm the client side trains with: the regularizer composed into its own client hook."""
+    return algorithm if regularizer is None else RegularizedAlgorithm(algorithm, regularizer)
+
+
+class StageClients(Protocol):
+    """What the loop asks of the clients at the stages' edges (module docstring); checkpointed with the loop."""
+
+    def begin_stage(self, k: int) -> None:
+        """Stage ``k`` starts (not called again when a run resumes inside it): reveal its rows."""
+
+    def enter_stage(self, k: int) -> None:
+        """Stage ``k``'s rounds are about to run (also when a run resumes inside it)."""
+
+    def end_stage(self, k: int, global_state) -> None:
+        """Stage ``k`` ended and another follows: ``global_state`` becomes the regularizer's anchor."""
+
+    def new_task(self) -> None:
+        """Per-task adapters: the server serves a new task with a fresh algorithm."""
+
+    def write(self, tensors: dict, orders: dict) -> dict:
+        """Their part of the loop's checkpoint section (JSON; tensors added to ``tensors``)."""
+
+    def load(self, meta: dict, tensors, orders: dict) -> None:
+        """Put back what :meth:`write` wrote."""
+
+
+class InProcessClients:
+    """The simulated clients' side of the stages, in this process (see :class:`StageClients`).
+
+    At a stage's start every client trains on its new rows (plus its replay
+    buffer, :func:`fedfm.continual.replay.reveal`); at its end the global model
+    becomes the regularizer's anchor and, with EWC, every client adds its Fisher
+    on the rows it trained on. The anchor's download is charged by :class:`StageTrainer`.
+    """
+
+    def __init__(self, r, plan: StreamPlan) -> None:
+        self.r, self.plan = r, plan
+        self.regularizer = build_regularizer(r.cfg)
+        self.trainer = r.app.trainer = StageTrainer(r.app.trainer, self.regularizer, r.server)
+        self.new_task()
+        for c in r.clients:  # rows arrive with the stages
+            c.train_idx = c.train_idx[:0]
+        replay = r.cfg.continual.replay
+        self.buffers = [client_buffer(replay, r.cfg.seed, c.cid) for c in r.clients] if replay.enabled else None
+
+    def begin_stage(self, k: int) -> None:
+        for i, c in enumerate(self.r.clients):
+            c.train_idx = reveal(self.plan.train[k][i], None if self.buffers is None else self.buffers[i])
+
+    def enter_stage(self, k: int) -> None:
+        self.trainer.new_anchor(k)
+
+    def end_stage(self, k: int, global_state) -> None:
+        if self.regularizer is None:
+            return
+        r = self.r
+        set_state_(r.fm.params, global_state)
+        self.regularizer.end_stage(global_state, r.fm, r.enc, r.clients, [c.train_idx for c in r.clients], k)
+
+    def new_task(self) -> None:
+        self.r.app.algorithm = client_algorithm(self.r.server.algorithm, self.regularizer)
+
+    def write(self, tensors: dict, orders: dict) -> dict:
+        if self.regularizer is not None and self.regularizer.anchor is not None:
+            put_group(tensors, orders, "continual/anchor", self.regularizer.anchor)
+        for c in self.r.clients:
+            tensors[f"continual/rows/{c.cid}"] = torch.from_numpy(np.asarray(c.train_idx, dtype=np.int64))
+        return {"buffers": [b.state_dict() for b in self.buffers or []]}
+
+    def load(self, meta: dict, tensors, orders: dict) -> None:
+        if self.regularizer is not None and "continual/anchor" in orders:
+            self.regularizer.anchor = get_group(tensors, orders, "continual/anchor")
+        for c in self.r.clients:
+            c.train_idx = tensors[f"continual/rows/{c.cid}"].numpy()
+        for b, state in zip(self.buffers or [], meta["buffers"]):
+            b.load_state_dict(state)
+
+
 def run_continual(r, console=None, resume=None) -> dict:
     """Run a built (:func:`fedfm.build.build_run`) continual-learning job; returns its summary.
 
@@ -130,34 +225,20 @@ def run_continual(r, console=None, resume=None) -> dict:
 class ContinualLoop:
     """Stages of rounds on one built run (see the module docstring)."""
 
-    def __init__(self, r) -> None:
-        """``r``: the run as :func:`fedfm.build.build_run` built it."""
+    def __init__(self, r, clients: Callable[..., StageClients] = InProcessClients) -> None:
+        """``r``: the run as :func:`fedfm.build.build_run` (or a deployment's server) built it;
+        ``clients(r, plan)``: the clients' side of the stages."""
         cfg, cc = r.cfg, r.cfg.continual
         self.r, self.cc = r, cc
         self.plan: StreamPlan = plan_stream(cc, r.ds, [c.train_idx for c in r.clients], r.test_idx)
-        reg = cc.regularizer
-        self.regularizer = None if reg.name == "none" else AnchorRegularizer(reg.name, reg.strength,
-                                                                               reg.fisher_examples, cfg.seed)
         self.initial = clone(r.server.global_state)
-        self.stage_trainer = StageTrainer(r.app.trainer, self.regularizer, r.server)
-        r.app.trainer = self.stage_trainer
-        self._client_algorithm()
-        for c in r.clients:  # rows arrive with the stages
-            c.train_idx = c.train_idx[:0]
-        self.buffers = None
-        if cc.replay.enabled:
-            self.buffers = [ReservoirBuffer(cc.replay.capacity, seed=derive_seed(cfg.seed, c.cid, 0x4E9)) for c in r.clients]
+        self.clients = clients(r, self.plan)
         self.per_stage_rounds = cc.rounds_per_stage or cfg.federation.rounds
         self.task_states: list = []  # per-task adapters: task j's final state
         self.R: list[list[float | None]] = []  # R[i][j]: accuracy on task j after stage i
         self.P: list[list[float | None]] = []  # causal LM: perplexity beside the token accuracy
         self.per_stage: list[dict] = []
         self.rnd, self.start_stage, self.start_round = 0, 0, 1
-
-    def _client_algorithm(self) -> None:
-        """The client side trains with the regularizer composed into the algorithm's own client hook."""
-        algo = self.r.server.algorithm
-        self.r.app.algorithm = algo if self.regularizer is None else RegularizedAlgorithm(algo, self.regularizer)
 
     # -- checkpoints ------------------------------------------------------------------
     def sections(self, stage: int, round_in_stage: int) -> dict:
@@ -170,23 +251,14 @@ class ContinualLoop:
         def write(tensors: dict, orders: dict) -> dict:
             for j, state in enumerate(self.task_states):
                 put_group(tensors, orders, f"continual/task/{j}", state)
-            if self.regularizer is not None and self.regularizer.anchor is not None:
-                put_group(tensors, orders, "continual/anchor", self.regularizer.anchor)
-            for c in self.r.clients:
-                tensors[f"continual/rows/{c.cid}"] = torch.from_numpy(np.asarray(c.train_idx, dtype=np.int64))
             return {"stage": stage, "round_in_stage": round_in_stage, "tasks": len(self.task_states), "R": self.R,
-                    "P": self.P, "per_stage": self.per_stage, "buffers": [b.state_dict() for b in self.buffers or []]}
+                    "P": self.P, "per_stage": self.per_stage, **self.clients.write(tensors, orders)}
         return write
 
     def _load(self, loop: dict, tensors, orders: dict) -> None:
         self.R, self.P, self.per_stage = loop["R"], loop["P"], loop["per_stage"]
         self.task_states = [get_group(tensors, orders, f"continual/task/{j}") for j in range(loop["tasks"])]
-        if self.regularizer is not None and "continual/anchor" in orders:
-            self.regularizer.anchor = get_group(tensors, orders, "continual/anchor")
-        for c in self.r.clients:
-            c.train_idx = tensors[f"continual/rows/{c.cid}"].numpy()
-        for b, state in zip(self.buffers or [], loop["buffers"]):
-            b.load_state_dict(state)
+        self.clients.load(loop, tensors, orders)
         done = loop["round_in_stage"] == self.per_stage_rounds
         self.start_stage, self.start_round = loop["stage"] + done, 1 if done else loop["round_in_stage"] + 1
 
@@ -223,7 +295,7 @@ class ContinualLoop:
                 first = self.start_round if k == self.start_stage else 1
                 if first == 1:  # a new stage (a resumed one restored its clients' rows and buffers)
                     self.begin_stage(k)
-                self.stage_trainer.new_anchor(k)
+                self.clients.enter_stage(k)
                 for rr in range(first, self.per_stage_rounds + 1):
                     self.round(k, rr)
                 self.end_stage(k)
@@ -233,13 +305,10 @@ class ContinualLoop:
         r = self.r
         if self.cc.per_task_adapters and k > 0:  # a new task: its own state and a fresh server optimizer
             state = self.task_states[k - 1] if self.cc.adapter_init == "previous" else self.initial
-            r.server.start_task(*build_algorithm_fold(r.cfg, len(r.clients), r.trainer, r.root_client), state)  # copies it
-            self._client_algorithm()
-        for i, c in enumerate(r.clients):
-            new = self.plan.train[k][i]
-            c.train_idx = new if self.buffers is None else self.buffers[i].training_rows(new)
-            if self.buffers is not None:
-                self.buffers[i].offer(new)
+            fold = build_algorithm_fold(r.cfg, r.cfg.federation.num_clients, r.trainer, r.root_client)
+            r.server.start_task(*fold, state)  # copies it
+            self.clients.new_task()
+        self.clients.begin_stage(k)
 
     def round(self, k: int, rr: int) -> None:
         r, cfg, last = self.r, self.r.cfg, rr == self.per_stage_rounds
@@ -288,9 +357,8 @@ class ContinualLoop:
                 + f" | average {last['average_accuracy']:.4f}"
                 + ("" if last["forgetting"] is None else f" forgetting {last['forgetting']:.4f} BWT {last['backward_transfer']:+.4f}")
             )
-        if self.regularizer is not None and k + 1 < self.plan.num_stages:
-            set_state_(r.fm.params, r.server.global_state)
-            self.regularizer.end_stage(r.server.global_state, r.fm, r.enc, r.clients, [c.train_idx for c in r.clients], k)
+        if k + 1 < self.plan.num_stages:
+            self.clients.end_stage(k, r.server.global_state)
         if self.main and self.ckpt.due(self.rnd):  # after the stage's end: its scores, the anchor and the Fisher are in
             self.ckpt.save(self.rnd, r.server, len(self.metrics_log.records), self.sections(k, self.per_stage_rounds))
 
