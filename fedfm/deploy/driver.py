@@ -152,6 +152,23 @@ class Deployment:
                                  f"within deploy.join_timeout_s={timeout_s:g}s")
             time.sleep(1.0)
 
+    def await_nodes(self, round_idx: int) -> None:
+        """Before a later round: wait up to ``deploy.round_timeout_s`` for ``min_nodes`` connected nodes.
+
+        As Flower's strategies wait for their minimum of available nodes every
+        round: a node restarted after a crash has the time to come back before
+        the next cohort is drawn. Short of them at the deadline, the round
+        samples among the nodes connected (one line in the log).
+        """
+        want = self.cfg.deploy.min_nodes or self.clients_per_round
+        deadline = time.monotonic() + self.cfg.deploy.round_timeout_s
+        while len(self.live()) < want and time.monotonic() < deadline:
+            time.sleep(1.0)
+            self.register(timeout_s=max(1.0, min(30.0, deadline - time.monotonic())))
+        if len(self.live()) < want:
+            log.warning("round %d: %d of deploy.min_nodes=%d nodes connected after %gs; sampling among them",
+                        round_idx, len(self.live()), want, self.cfg.deploy.round_timeout_s)
+
     # -- a round ---------------------------------------------------------------------
     def cohort(self, round_idx: int) -> list[int]:
         return sample_from(np.array(self.live(), dtype=np.int64), self.clients_per_round, self.seed, round_idx)
@@ -160,6 +177,7 @@ class Deployment:
         """One synchronous round; returns its record (without evaluation)."""
         t0 = time.perf_counter()
         self.register(timeout_s=min(30.0, self.cfg.deploy.round_timeout_s))
+        self.await_nodes(round_idx)
         server, cohort = self.server, self.cohort(round_idx)
         server.open_round(round_idx, cohort)  # under secure aggregation: the key agreement, over the network
         tally, failed, dead = RoundTally(), [], []
