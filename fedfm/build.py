@@ -5,6 +5,7 @@ and the continual loop share it):
 
 1. load the dataset, hold out a global test set (and FLTrust's root set),
    partition the rest across clients and give each a local train/test split;
+   each client filters its own training rows (``data.quality``, counts only);
 2. build the model once (frozen base + trainable state) and tokenize once;
    poison the malicious clients' rows when an attack asks for it;
 3. the client side: one local trainer on that model, wrapped for local
@@ -32,11 +33,12 @@ from fedfm.client.client import ClientApp, SimulatedAttack
 from fedfm.client.data import Client
 from fedfm.client.hetlora import HetRankTrainer
 from fedfm.client.personal import PersonalTrainer
-from fedfm.client.trainer import LocalTrainer
+from fedfm.client.trainer import LocalTrainer, LossFilterTrainer
 from fedfm.compression.wire import Wire
 from fedfm.config import RunConfig, to_dict
 from fedfm.data.encode import encode
-from fedfm.data.partition import partition, split_client, train_test_split
+from fedfm.data.partition import cap_test_rows, partition, split_client, train_test_split
+from fedfm.data.quality import QualityReport, clean_rows, quality_table
 from fedfm.data.sources import load_text_dataset
 from fedfm.data.stats import partition_stats
 from fedfm.drivers.asynchronous import AsyncEngine
@@ -48,7 +50,8 @@ from fedfm.eval.report import write_json
 from fedfm.models import build_model, resolve_device
 from fedfm.models.state import get_state
 from fedfm.personalization import build_plan
-from fedfm.registry import NEEDS_ROOT_DATA, ROBUST_RULES, TRIGGERS
+from fedfm.registry import (ATTACKS, NEEDS_GROUPS, NEEDS_ROOT_DATA, PARTITIONERS, POISONS_DATA, ROBUST_RULES,
+                            TRIGGERS)
 from fedfm.robustness.attacks import Attack
 from fedfm.robustness.poison import check_poisoning, prepare_poisoning
 from fedfm.server.compose import build_dp_sgd, build_server
@@ -113,9 +116,21 @@ def build_clients(cfg: RunConfig, ds, holdout=None) -> tuple[np.ndarray, list[Cl
     for cid, part in enumerate(parts):
         train, test = split_client(pool[part], cfg.data.client_test_fraction, seed=cfg.seed * 1_000_003 + cid)
         clients.append(Client(cid=cid, train_idx=train, test_idx=test))
+    if cfg.eval.max_test_examples is not None:  # the clients' test splits together, largest trimmed first
+        capped = cap_test_rows([c.test_idx for c in clients], cfg.eval.max_test_examples, cfg.seed)
+        for c, test in zip(clients, capped):
+            c.test_idx = test
     num_classes = None if ds.label_names is None else len(ds.label_names)
-    stats = partition_stats([c.train_idx for c in clients], ds.labels, num_classes)
+    stats = partition_stats([c.train_idx for c in clients], ds.labels, num_classes,
+                            groups=client_groups(cfg, ds, pool, parts))
     return limit_test(cfg, test_idx), clients, stats
+
+
+def client_groups(cfg: RunConfig, ds, pool: np.ndarray, parts: list[np.ndarray]) -> list[list[str]] | None:
+    """A natural partition's group values (e.g. user ids) per client, for partition.json; else None."""
+    if ds.groups is None or not PARTITIONERS.supports(cfg.federation.partition.scheme, NEEDS_GROUPS):
+        return None
+    return [sorted({ds.groups[i] for i in pool[part]}) for part in parts]
 
 
 def limit_test(cfg: RunConfig, test_idx: np.ndarray) -> np.ndarray:
@@ -144,7 +159,8 @@ def start_run(cfg: RunConfig, data=None):
     seed_everything(cfg.seed)
     t_start = time.perf_counter()
     data = cfg.data if data is None else data
-    ds = load_text_dataset(data, cfg.model.task, seed=cfg.seed)
+    time_column = cfg.continual.time_column if cfg.continual.enabled else None  # stages cut at time boundaries
+    ds = load_text_dataset(data, cfg.model.task, seed=cfg.seed, time_column=time_column)
     if cfg.model.task == "seq_cls" and ds.labels is None:
         raise FedfmError(f"task seq_cls needs labels, but dataset {data.dataset!r} has none")
     if is_main_process() and not (out / "config.yaml").is_file():  # under torchrun only rank 0 writes
@@ -185,6 +201,7 @@ class Run:
 
 def build_run(cfg: RunConfig) -> Run:
     """Build everything of a run of ``cfg`` (the run folder gets config.yaml)."""
+    check_quality(cfg)
     device, out, t_start, ds = start_run(cfg)
     attack = Attack(**cfg.attack.model_dump(), seed=cfg.seed, server_lr=cfg.algorithm.server_lr)  # "none": no attackers
     num_labels = len(ds.label_names) if cfg.model.task == "seq_cls" else None
@@ -192,6 +209,9 @@ def build_run(cfg: RunConfig) -> Run:
     check_poisoning(attack, cfg.model.task, num_labels, eval_backdoor)
     holdout = split_holdout(cfg, ds)
     test_idx, clients, stats = build_clients(cfg, ds, holdout)
+    if cfg.data.quality.enabled:  # each client filters its own rows; partition.json gets the counts
+        groups = {k: stats[k] for k in ("client_groups",) if k in stats}  # a client's groups stay its own
+        stats = {**clean_clients(cfg, ds, clients), **groups}
     if is_main_process():
         write_json(out / "partition.json", stats)
 
@@ -236,5 +256,59 @@ def client_trainer(cfg: RunConfig, fm, enc, dp_sgd, fleet: Fleet):
     plan = build_plan(cfg.personalization, fm)  # personal tensors that never leave the clients, or None
     if plan is not None:
         trainer = PersonalTrainer(trainer, plan)
+    q = cfg.data.quality
+    if q.enabled and q.loss_filter:  # each client leaves out its loss outliers under the broadcast model
+        trainer = LossFilterTrainer(trainer, fm, enc, q, cfg.eval.batch_size)
     return trainer, plan, rank_of
+
+
+def check_quality(cfg: RunConfig) -> None:
+    """One-line errors for what ``data.quality`` and ``algorithm.weighting=quality`` cannot serve."""
+    q = cfg.data.quality
+    if cfg.algorithm.weighting == "quality" and not q.enabled:
+        raise FedfmError("algorithm.weighting=quality needs data.quality.enabled=true "
+                         "(the score is the fraction of its rows each client's filters keep)")
+    if cfg.algorithm.weighting == "quality" and (cfg.robust.rule != "mean" or cfg.privacy.client_dp.enabled):
+        why = f"robust.rule={cfg.robust.rule}" if cfg.robust.rule != "mean" else "privacy.client_dp"
+        raise FedfmError(f"algorithm.weighting=quality cannot be combined with {why} (it weighs the updates itself)")
+    if not q.enabled:
+        return
+    if cfg.continual.enabled:
+        raise FedfmError("data.quality cannot be combined with continual learning yet (stages cut the rows)")
+    if cfg.attack.name != "none" and ATTACKS.supports(cfg.attack.name, POISONS_DATA):
+        raise FedfmError(f"data.quality cannot be combined with attack.name={cfg.attack.name} "
+                         "(poisoned rows are added after the clients filter theirs)")
+    if q.loss_filter:
+        problems = {
+            "privacy.dp_sgd (a data-dependent choice of rows each round is outside its accountant)":
+                cfg.privacy.dp_sgd.enabled,
+            "personalization (the broadcast holds only the shared tensors)": cfg.personalization.method != "none",
+            f"train.batch_clients={cfg.train.batch_clients}": cfg.train.batch_clients > 1,
+        }
+        for what, bad in problems.items():
+            if bad:
+                raise FedfmError(f"data.quality.loss_filter cannot be combined with {what}")
+
+
+def clean_client(cfg: RunConfig, ds, client: Client) -> QualityReport:
+    """Run the static ``data.quality`` filters on ``client``'s training rows, in place; its counts.
+
+    The client keeps the rows that pass (``train_idx``) and the counts
+    (``quality``), which are all it reports. Used by simulations and by a deployed node on its own rows.
+    """
+    rows = client.train_idx
+    labels = ds.labels[rows] if cfg.model.task == "seq_cls" and ds.labels is not None else None
+    kept, report = clean_rows([ds.texts[i] for i in rows], labels, cfg.data.quality,
+                              label_names=ds.label_names, seed=cfg.seed)
+    client.train_idx, client.quality = rows[kept], report
+    return report
+
+
+def clean_clients(cfg: RunConfig, ds, clients: list[Client]) -> dict:
+    """:func:`clean_client` on every client; the partition stats of the kept rows plus the data-quality table."""
+    reports = {c.cid: clean_client(cfg, ds, c).to_dict() for c in clients}
+    num_classes = None if ds.label_names is None else len(ds.label_names)
+    stats = partition_stats([c.train_idx for c in clients], ds.labels, num_classes)
+    stats["data_quality"] = quality_table(reports)
+    return stats
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -83,6 +84,108 @@ def export(
     except FedfmError as err:
         err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2)
+
+
+@app.command()
+def compare(
+    run_dirs: Optional[List[str]] = typer.Argument(None, help="Run folders (finished or not) to put side by side."),
+    png: str = typer.Option("compare.png", "--png", metavar="FILE", help="Where to write the overlaid curves."),
+    metric: Optional[str] = typer.Option(
+        None, "--metric", metavar="NAME", help="The metric to plot (default: test accuracy, or perplexity)."
+    ),
+) -> None:
+    """Compare runs: final metrics, bytes, wall time and differing config keys; their curves in one PNG."""
+    from fedfm.errors import FedfmError
+
+    try:
+        from rich.measure import Measurement
+
+        from fedfm.eval.compare import compare_runs, plot_runs, render_table, resolve_metric
+
+        result = compare_runs(list(run_dirs or []))
+        path = plot_runs(result.runs, resolve_metric(result.runs, metric), png)
+        console = Console()
+        table = render_table(result)
+        if not console.is_terminal:  # piped output: as wide as the table, no column cut short
+            wide = Measurement.get(console, console.options.update_width(10**4), table).maximum
+            console = Console(width=max(console.width, wide))
+        console.print(table)
+        console.print(f"plot: {path}", highlight=False, soft_wrap=True)
+    except FedfmError as err:
+        _fail(err)
+
+
+def _own_test_rows(cfg, ds):
+    """The run's global test rows, cut as the run cut them (fedfm.build; a deployed server's own file whole)."""
+    import numpy as np
+
+    from fedfm.build import limit_test, split_holdout
+
+    if cfg.deploy.test_data is not None:
+        return limit_test(cfg, np.arange(len(ds.texts), dtype=np.int64))
+    return limit_test(cfg, split_holdout(cfg, ds)[1])
+
+
+@app.command("eval", context_settings={"allow_extra_args": False})
+def eval_run(
+    run_dir: str = typer.Argument(..., help="A finished run folder (config.yaml + final_state.safetensors)."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="key=value overrides of the run's config (e.g. data.text_column=body data.label_column=topic)."
+    ),
+    data: Optional[str] = typer.Option(
+        None, "--data", metavar="FILE", help="csv/jsonl/json/parquet file or .txt file/folder (default: the run's test set)."
+    ),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help="Also write the results as JSON."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Rows per forward pass (eval.batch_size)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Evaluate a run's final model on its test set or a file: metrics and a per-class table."""
+    from fedfm.errors import FedfmError
+
+    try:
+        from fedfm.eval.report import write_json
+        from fedfm.eval.use import evaluate_run, load_run, print_evaluation
+
+        result = evaluate_run(load_run(run_dir, overrides or [], device), data, _own_test_rows, batch_size)
+        print_evaluation(result, Console())
+        if json_out:
+            write_json(Path(json_out), result)
+    except FedfmError as err:
+        _fail(err)
+    except OSError as err:
+        _fail(f"{getattr(err, 'filename', None) or json_out}: {err.strerror or err}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def predict(
+    run_dir: str = typer.Argument(..., help="A finished run folder (config.yaml + final_state.safetensors)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides (e.g. data.text_column=body)."),
+    data: Optional[str] = typer.Option(None, "--data", metavar="FILE", help="Rows to predict (any format a run reads)."),
+    text: List[str] = typer.Option([], "--text", help="A text to predict (repeat for several)."),
+    out: Optional[str] = typer.Option(None, "--out", metavar="FILE", help="Write every prediction (.jsonl or .csv)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Causal LM: tokens to generate per row."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Rows per forward pass (eval.batch_size)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Predict with a run's final model: labels with probabilities, or generated text for a causal LM."""
+    from fedfm.errors import FedfmError
+
+    try:
+        from fedfm.eval.predict import check_out_path, write_predictions
+        from fedfm.eval.use import load_run, predict_run, print_predictions
+
+        if out:
+            check_out_path(out)
+        if (data is None) == (not text):
+            raise FedfmError('give rows to predict: either --data FILE or --text "..." (not both)')
+        records = predict_run(load_run(run_dir, overrides or [], device), data, text, batch_size, max_new_tokens)
+        print_predictions(records, Console())
+        if out:
+            typer.echo(str(write_predictions(records, out)))
+    except FedfmError as err:
+        _fail(err)
+    except OSError as err:
+        _fail(f"{getattr(err, 'filename', None) or out}: {err.strerror or err}")
 
 
 deploy_app = typer.Typer(no_args_is_help=True, help="Deploy on Flower: a SuperLink, nodes with local data, runs.")

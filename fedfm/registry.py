@@ -1,7 +1,7 @@
 """One registry per extension point: names, config classes and capabilities.
 
 Every pluggable component (an aggregation algorithm, a robust rule, a codec,
-a PEFT method, a partitioner, an attack) registers itself where it is
+a PEFT method, a partitioner, an attack, a client weighting) registers itself where it is
 implemented, with a decorator next to its class or function::
 
     @ALGORITHMS.register("fedprox", config=FedProxOptions, capabilities={MERGEABLE, SECURE_SUM},
@@ -52,6 +52,9 @@ PLAIN_CLIENT = "plain_client"  # no client hook: plain local training (batched c
 DELTA_ONLY = "delta_only"  # an update carries no extra tensors besides its delta (HetLoRA can pad it)
 SGD_SERVER_STEP = "sgd_server_step"  # the server step is FedAvg's x <- x + server_lr * mean delta, no
 #                                      server state: FedAsync may mix models in its place
+
+# Client weightings (the weight of an update in a fold's mean)
+EXAMPLE_SCALED = "example_scaled"  # grows with the client's examples: a secure sum caps it at max_weight
 
 # Robust aggregation rules
 NEEDS_ALL_UPDATES = "needs_all_updates"  # buffers the round's updates (no secure sum, no worker split)
@@ -262,5 +265,8 @@ CODECS = Registry("codec", "fedfm.compression", "fedfm.codecs")
 METHODS = Registry("method", "fedfm.models", "fedfm.peft_methods")
 # Each partitioner is ``(num_clients, num_examples, labels, groups, alpha, min_examples, rng) -> parts``.
 PARTITIONERS = Registry("partition scheme", "fedfm.data", "fedfm.partitioners")
+# Each weighting is ``(update: fedfm.algorithms.base.Update) -> float``, the update's weight in the fold's
+# mean (0: skipped); ValueError for an update it cannot weigh (the server rejects it).
+WEIGHTINGS = Registry("weighting", "fedfm.algorithms", "fedfm.weightings")
 # Each attack is ``(attack: Attack, delta, benign_deltas, num_clients, num_byzantine, server_lr, generator) -> delta``.
 ATTACKS = Registry("attack", "fedfm.robustness", "fedfm.attacks")

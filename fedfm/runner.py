@@ -7,7 +7,8 @@
    asynchronous server step after step), evaluating on the configured cadence,
    logging metrics.jsonl and checkpointing;
 3. **finish** (:func:`finish`): the run folder: config.yaml (written at build),
-   partition.json, metrics.jsonl, summary.json, final_state.safetensors, metrics.png.
+   partition.json, metrics.jsonl, summary.json, final_state.safetensors (and, for
+   PEFT methods, the same state as a peft adapter folder adapter/), metrics.png.
 
 The run owns its folder from before the build to the end (:mod:`fedfm.run_folder`:
 a lock, a run id in run.json that its checkpoints carry, no leftovers from a
@@ -40,6 +41,8 @@ from fedfm.eval.evaluate import evaluate
 from fedfm.eval.personal import evaluate_personalized, personal_summary
 from fedfm.eval.report import MetricsLog, plot_metrics, write_json
 from fedfm.eval.summary import make_summary, state_metadata
+from fedfm.eval.tracking import check_tracking, open_tracker
+from fedfm.models.adapter import ADAPTER_DIR, save_adapter
 from fedfm.models.state import save_state, set_state_
 from fedfm.personalization import check_personalization
 from fedfm.eval.progress import RunProgress
@@ -64,6 +67,7 @@ def run(config=None, overrides: Iterable[str] = (), console=None, resume=None, o
     check_compression(cfg)  # e.g. upload codecs with secure aggregation
     check_devices(cfg)  # device profiles, HetLoRA ranks, asynchronous training
     check_batching(cfg)  # train.batch_clients
+    check_tracking(cfg)  # tracking.kind: its package is installed
     if cfg.continual.enabled:
         check_continual(cfg)
     folder = run_folder.claim(run_dir_for(cfg), resume=resume is not None, overwrite=overwrite,
@@ -114,7 +118,8 @@ def evaluator(r: Run):
 
     def do_eval(record: dict) -> None:
         set_state_(fm.params, server.released_state if plan is None else plan.global_model(server.released_state))
-        record.update(evaluate(fm, enc, r.test_idx, r.clients, cfg.eval.batch_size, per_client=per_client))
+        record.update(evaluate(fm, enc, r.test_idx, r.clients, cfg.eval.batch_size, per_client=per_client,
+                               min_client_test=cfg.eval.min_client_test_examples))
         if r.backdoor_rows is not None:
             record["backdoor_success_rate"] = backdoor_success(fm, enc, r.backdoor_rows, cfg.eval.batch_size)
         if plan is not None and per_client:  # each client's own model on its local test split
@@ -141,9 +146,8 @@ def run_rounds(r: Run, main: bool, kept, start_round: int, console):
     step = sim.run_round if r.engine is None else r.engine.step
     do_eval = evaluator(r)
     ckpt = checkpoint.Checkpointer(r.out, cfg.checkpoint.every, cfg.checkpoint.keep)
-    metrics_log = MetricsLog(r.out / "metrics.jsonl" if main else None)
-    for kept_record in kept or ():  # metrics.jsonl truncated to the checkpoint's round
-        metrics_log.write(kept_record)
+    tracker = open_tracker(cfg, r.out, resumed=kept is not None, first_round=start_round) if main else None
+    metrics_log = MetricsLog(r.out / "metrics.jsonl" if main else None, kept=kept or (), tracker=tracker)
     stop_reason, rounds = None, cfg.federation.rounds
     with RunProgress(cfg, console=console, enabled=cfg.progress and main) as progress:
         progress.header(cfg, len(r.ds.texts), len(r.test_idx), r.stats, r.trainable, r.total)
@@ -187,6 +191,7 @@ def finish(r: Run, records: list[dict], stop_reason: str | None, progress) -> di
     if plan is not None:
         meta["personal_tensors_initial"] = json.dumps(list(plan.personal_keys))  # clients keep their own
     save_state(final_state, r.out / "final_state.safetensors", metadata=meta)
+    save_adapter(r.fm, cfg.model, r.ds.label_names, r.out / ADAPTER_DIR)  # PEFT methods: a standard peft folder
     if plan is not None and (personal := plan.personal_states(r.clients)):
         save_state(personal, r.out / "personal_states.safetensors", metadata={"method": plan.method})
     plot_metrics(records, r.out / "metrics.png", cfg.model.task)

@@ -292,6 +292,39 @@ def test_mean_pooling_errors():
         build_model(cfg("tiny-llama", pooling="mean"), num_labels=3)
 
 
+def test_auto_pooling_is_what_the_model_folder_declares(tmp_path):
+    from fedfm.models.pooling import declare_pooling, declared_pooling, resolve_pooling
+    from fedfm.models.registry import minilm_dir
+
+    # all-MiniLM-L6-v2 ships modules.json -> 1_Pooling/config.json with pooling_mode_mean_tokens: true
+    assert declared_pooling(minilm_dir()) == "mean"
+    assert resolve_pooling("auto", "seq_cls", minilm_dir()) == "mean"
+    assert resolve_pooling("auto", "causal_lm", minilm_dir()) == "cls"  # a decoder's LM head pools nothing
+    assert resolve_pooling("cls", "seq_cls", minilm_dir()) == "cls"  # an explicit choice wins
+    assert build_model(cfg(), num_labels=3).pooling == "cls"  # a random-init model declares nothing
+
+    # a mean-pooled classifier saved as a folder that declares its pooling is rebuilt mean-pooled
+    fm = build_model(cfg(method="full", pooling="mean"), num_labels=3)
+    set_state_(fm.params, random_state(fm.params, seed=3))
+    for name, declare in (("declared", True), ("plain", False)):
+        folder = tmp_path / name
+        fm.model.save_pretrained(str(folder), safe_serialization=True)
+        fm.tokenizer.save_pretrained(str(folder))
+        if declare:
+            declare_pooling(folder, fm.pooling, fm.model.config.hidden_size)
+        again = build_model(cfg(str(folder), method="full"), num_labels=3)
+        assert again.pooling == ("mean" if declare else "cls")
+        assert torch.allclose(logits(again), logits(fm), atol=1e-6) is declare
+
+    bad = tmp_path / "plain"  # a pooling fedfm does not implement is refused in one line
+    (bad / "modules.json").write_text(json.dumps([{"idx": 1, "name": "1", "path": "1_Pooling",
+                                                   "type": "sentence_transformers.models.Pooling"}]))
+    (bad / "1_Pooling").mkdir()
+    (bad / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(FedfmError, match="declares pooling pooling_mode_max_tokens"):
+        build_model(cfg(str(bad), method="full"), num_labels=3)
+
+
 # --------------------------------------------------------------------------- build options
 
 

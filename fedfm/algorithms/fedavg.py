@@ -16,7 +16,7 @@ SCAFFOLD reuse it with their own client hooks.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal, Mapping
+from typing import Mapping
 
 import torch
 
@@ -33,18 +33,52 @@ from fedfm.algorithms.fedopt import (
     ServerSGD,
     ServerYogi,
 )
+from fedfm.data.quality import kept_fraction
 from fedfm.registry import (
     ALGORITHMS,
     ASYNC_SAFE,
     DELTA_ONLY,
+    EXAMPLE_SCALED,
     MEAN_DELTA,
     MERGEABLE,
     PLAIN_CLIENT,
     SECURE_SUM,
     SGD_SERVER_STEP,
+    WEIGHTINGS,
 )
 
-Weighting = Literal["examples", "uniform"]
+Weighting = str  # a name registered in WEIGHTINGS: "examples", "uniform", "quality"
+
+
+# -- client weightings (``algorithm.weighting``): an update's weight in the fold's mean ---------------
+@WEIGHTINGS.register("examples", capabilities={EXAMPLE_SCALED},
+                     summary="the client's training examples (FedAvg, McMahan et al. 2017)")
+def examples_weight(update: Update) -> float:
+    return float(update.num_examples)
+
+
+@WEIGHTINGS.register("uniform", summary="1 per client")
+def uniform_weight(update: Update) -> float:
+    return 1.0
+
+
+@WEIGHTINGS.register("quality", capabilities={EXAMPLE_SCALED},
+                     summary="examples x the fraction of its rows the client kept (data.quality; FedDQC, Du et al. 2024)")
+def quality_weight(update: Update) -> float:
+    """``num_examples * kept / rows``: examples scaled by the client's data-quality score.
+
+    The score is the fraction of its training rows the client's own
+    ``data.quality`` filters kept (:func:`fedfm.data.quality.kept_fraction`),
+    reported as counts in the update's metrics and checked by the server: it is
+    computed without the server seeing any row. A client that had to drop much
+    of its data is likely to hold more bad rows the filters missed, so it counts
+    less than its kept examples alone would say -- quality-aware aggregation as
+    in FedDQC (Du et al. 2024, "Data Quality Control in Federated
+    Instruction-tuning of Large Language Models", arXiv:2410.11540).
+    """
+    if update.num_examples == 0:
+        return 0.0
+    return float(update.num_examples) * kept_fraction(update.metrics, update.client_id)
 
 # FedAvg's fold on a plain client: everything the runtimes offer (see fedfm.registry).
 FEDAVG_CAPABILITIES = frozenset({MERGEABLE, SECURE_SUM, ASYNC_SAFE, MEAN_DELTA, PLAIN_CLIENT, DELTA_ONLY})
@@ -76,6 +110,8 @@ class MeanDeltaFold(StartedFold):
     * ``weighting="examples"``: weight = ``update.num_examples``; an update
       with 0 examples has weight 0 and is skipped (not counted).
     * ``weighting="uniform"``: every update has weight 1.
+    * ``weighting="quality"``: examples x the client's kept fraction (:func:`quality_weight`);
+      any other name registered in ``WEIGHTINGS`` works the same way.
     * Only floating-point tensors are averaged and stepped; any other tensor
       (integer buffers, masks) keeps its global value.
     * ``finish()`` with nothing folded returns copies of the global state and
@@ -86,10 +122,11 @@ class MeanDeltaFold(StartedFold):
     """
 
     def __init__(self, optimizer: ServerOptimizer | None = None, weighting: Weighting = "examples") -> None:
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS.names())}, got {weighting!r}")
         self.optimizer = optimizer if optimizer is not None else ServerSGD(1.0)
         self.weighting = weighting
+        self._weigh = WEIGHTINGS.get(weighting)
         self.version = 0
         self._global: Mapping[str, torch.Tensor] | None = None
         self._float_keys: list[str] = []
@@ -110,7 +147,7 @@ class MeanDeltaFold(StartedFold):
     def weight(self, update: Update) -> float:
         if update.num_examples < 0:
             raise ValueError(f"client {update.client_id}: num_examples must be >= 0, got {update.num_examples}")
-        return 1.0 if self.weighting == "uniform" else float(update.num_examples)
+        return float(self._weigh.obj(update))
 
     def add(self, update: Update) -> bool:
         """Fold one update; returns False when it was skipped (weight 0)."""
@@ -132,7 +169,7 @@ class MeanDeltaFold(StartedFold):
         """
         g = self._require_started()
         w = self.weight(update)
-        r = 1.0 if self.weighting == "uniform" else min(w / max_weight, 1.0)
+        r = min(w / max_weight, 1.0) if self._weigh.supports(EXAMPLE_SCALED) else w
         part = self._float_part(update.delta, g, f"client {update.client_id} delta")
         return OrderedDict((k, t.to(torch.float64) * r) for k, t in part.items()), [r]
 

@@ -7,7 +7,8 @@ over-weights the clients that stepped more and converges to the optimum of a
 *different* objective. FedNova divides every delta by its client's step count
 before averaging and rescales the mean by an effective step count:
 
-    p_i    client weight (examples, or 1 with ``algorithm.weighting=uniform``)
+    p_i    client weight (``algorithm.weighting``, a WEIGHTINGS entry: examples, 1 with
+           ``uniform``, examples x kept fraction with ``quality``)
     τ_i    the client's local steps (``update.metrics["steps"]``)
     d_i    = Δ_i / τ_i                                 normalized update
     τ_eff  = Σ p_i τ_i / Σ p_i

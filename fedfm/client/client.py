@@ -24,6 +24,7 @@ import torch
 from fedfm.algorithms.base import Algorithm, Update
 from fedfm.client.data import Client
 from fedfm.compression.wire import Wire
+from fedfm.data.quality import quality_metrics, with_loss_drops
 from fedfm.robustness.validate import update_problem
 from fedfm.seeds import derive_seed
 
@@ -96,9 +97,14 @@ class ClientApp:
     def fit(self, client: Client, message: bytes, round_idx: int, secure=None) -> Reply:
         """Train ``client`` from the broadcast ``message``; ``secure``: the round's secure-aggregation session."""
         broadcast = self.wire.decode_broadcast(message)
+        if client.quality is not None and len(client.train_idx) == 0:
+            return Reply(None)  # its data-quality filters kept none of its rows: nothing to train on
         update = self.trainer.local_update(self.algorithm, broadcast, client, round_idx)
         if update is None:  # sat the round out (no data this stage, or its DP-SGD budget is spent)
             return Reply(None)
+        if client.quality is not None:  # only counts: rows, kept, dropped by reason (the loss filter's this round)
+            update.metrics.update(quality_metrics(with_loss_drops(client.quality,
+                                                                  client.quality.kept - update.num_examples)))
         if self.attack is not None:
             self.attack.apply(update, round_idx)
         facts = dict(loss=float(update.metrics["train_loss"]), examples=update.num_examples,

@@ -10,13 +10,17 @@ returns the delta. The frozen base is never copied.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 
+import numpy as np
 import torch
 
 from fedfm.algorithms.base import Algorithm, Broadcast, Update
 from fedfm.client.data import Client
 from fedfm.config.schema import TrainConfig
 from fedfm.data.encode import Encoded, batch_indices, make_batch, steps_for
+from fedfm.data.quality import loss_outliers
+from fedfm.eval.evaluate import score_examples
 from fedfm.models.state import set_state_
 from fedfm.seeds import derive_seed
 
@@ -95,3 +99,43 @@ class LocalTrainer:
             extras=extras,
             base_version=broadcast.version,
         )
+
+
+class LossFilterTrainer:
+    """Wraps a local trainer: the client leaves out its loss outliers before it trains (``data.quality.loss_filter``).
+
+    At every participation whose broadcast is global version ``loss_start_version``
+    or later, the client scores its (statically filtered) training rows under the
+    broadcast model, in eval mode and without gradients, and trains this round on
+    the rows whose loss is at most ``median + loss_k * MAD`` and ``loss_max``
+    (:func:`fedfm.data.quality.loss_outliers`). Nothing persists: the next
+    participation scores again under the newer global model. The update's
+    ``num_examples`` is the rows it trained on, so the counts the
+    :class:`~fedfm.client.client.ClientApp` reports carry the drops.
+    Attributes other than ``local_update`` are the wrapped trainer's.
+    """
+
+    def __init__(self, inner, fm, enc: Encoded, opts, batch_size: int) -> None:
+        self.inner = inner
+        self.fm = fm
+        self.enc = enc
+        self.opts = opts  # a data.quality section (QualityConfig)
+        self.batch_size = batch_size
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def kept_rows(self, broadcast: Broadcast, rows: np.ndarray) -> np.ndarray:
+        """``rows`` without the loss outliers under the broadcast model (all of them before loss_start_version)."""
+        if broadcast.version < self.opts.loss_start_version or len(rows) < 3:
+            return rows
+        set_state_(self.fm.params, broadcast.state)
+        scores = score_examples(self.fm, self.enc, rows, self.batch_size)
+        losses = scores.loss_sum / np.maximum(scores.targets, 1)
+        return rows[~loss_outliers(losses, self.opts.loss_k, self.opts.loss_max)]
+
+    def local_update(self, algo: Algorithm, broadcast: Broadcast, client: Client, round_idx: int) -> Update | None:
+        if client.quality is None:  # e.g. FLTrust's root data on the server
+            return self.inner.local_update(algo, broadcast, client, round_idx)
+        kept = self.kept_rows(broadcast, client.train_idx)
+        return self.inner.local_update(algo, broadcast, replace(client, train_idx=kept), round_idx)

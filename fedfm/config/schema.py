@@ -5,7 +5,7 @@ with a one-line error naming the key instead of being silently ignored.
 
 Choices come from the registries (:mod:`fedfm.registry`), not from lists
 written here: ``algorithm.name``, ``robust.rule``, ``attack.name``,
-``model.method``, ``federation.partition.scheme`` and the codecs of
+``model.method``, ``federation.partition.scheme``, ``algorithm.weighting`` and the codecs of
 ``compression.upload`` / ``compression.download`` are strings validated
 against the names registered for that extension point (discovered lazily,
 so this module imports no component above it).
@@ -49,6 +49,7 @@ from fedfm.registry import (
     PARTITIONERS,
     ROBUST_RULES,
     VALUE,
+    WEIGHTINGS,
     Registry,
 )
 
@@ -189,8 +190,9 @@ class ModelConfig(Section):
     method: Annotated[str, choice(METHODS)] = "lora"  # full, lora, ia3, prompt, prefix (fedfm.models.methods)
     max_length: int = Field(64, ge=8)
     # seq_cls on a BERT-style encoder: cls = the pooler over the first token (as transformers ships it);
-    # mean = the mean of the real tokens' last hidden states (sentence-transformers; fedfm.models.pooling)
-    pooling: Literal["cls", "mean"] = "cls"
+    # mean = the mean of the real tokens' last hidden states (sentence-transformers; fedfm.models.pooling);
+    # auto = what the model folder declares in its sentence-transformers modules.json (mean for MiniLM), else cls
+    pooling: Literal["auto", "cls", "mean"] = "auto"
     lora: LoraConfig = LoraConfig()
     ia3: IA3Config = IA3Config()
     prompt: PromptConfig = PromptConfig()
@@ -204,13 +206,50 @@ class ModelConfig(Section):
     def _scratch_only_for_scratch(self) -> "ModelConfig":
         if self.name != "llama-scratch" and self.scratch != ScratchConfig():
             raise ValueError(f"model.scratch applies to name=llama-scratch, not name={self.name}")
-        if self.pooling != "cls" and self.task != "seq_cls":
+        if self.pooling == "mean" and self.task != "seq_cls":
             raise ValueError(f"model.pooling={self.pooling} applies to task seq_cls, not {self.task}")
+        return self
+
+
+class QualityConfig(Section):
+    """Client-side data quality (fedfm.data.quality): each client filters its own rows before training.
+
+    Off by default. Static filters run once on each client's training rows (empty, too short / too long,
+    missing or invalid labels, exact duplicates of the normalized text, near-duplicates by MinHash with an
+    exact word-shingle Jaccard check); ``loss_filter`` also leaves out, at every participation from global
+    version ``loss_start_version`` on, the rows whose loss under the broadcast model is above
+    ``median + loss_k * MAD`` (or ``loss_max``, when set). Clients report only counts (kept, dropped by reason).
+    """
+
+    enabled: bool = False
+    dedup: bool = True  # exact duplicates of the normalized text (NFKC, case-folded, whitespace collapsed)
+    near_dup: bool = True  # near-duplicates: word-shingle Jaccard >= near_dup_threshold with an earlier kept row
+    near_dup_threshold: float = Field(0.8, gt=0, le=1)
+    shingle_size: int = Field(3, ge=1)  # words per shingle
+    num_perm: int = Field(128, ge=8)  # MinHash permutations (candidate search; every candidate is verified exactly)
+    min_chars: int = Field(0, ge=0)  # shorter rows are dropped as "short" (empty rows always are, as "empty")
+    max_chars: int | None = Field(None, ge=1)  # longer rows are dropped as "long"; None: no bound
+    min_words: int = Field(0, ge=0)  # whitespace-separated words of the normalized text
+    max_words: int | None = Field(None, ge=1)
+    labels: bool = True  # classification: drop rows whose label is missing or outside the run's label set
+    allowed_labels: list[str] | None = None  # the run's label set (names); None: every label name in the data
+    loss_filter: bool = False  # drop loss outliers under the current global model (needs the model: client side)
+    loss_k: float = Field(3.0, gt=0)  # threshold median + loss_k * MAD of the client's per-row losses
+    loss_max: float | None = Field(None, gt=0)  # also drop rows above this loss (e.g. ln C: below chance); None: off
+    loss_start_version: int = Field(1, ge=0)  # score only from this global version on (version 0 is untrained)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "QualityConfig":
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ValueError(f"data.quality.max_chars={self.max_chars} is below min_chars={self.min_chars}")
+        if self.max_words is not None and self.max_words < self.min_words:
+            raise ValueError(f"data.quality.max_words={self.max_words} is below min_words={self.min_words}")
         return self
 
 
 class DataConfig(Section):
     dataset: str = "bbc_news"  # bbc_news | shakespeare | a local .csv/.jsonl/.json/.parquet/.txt path or a folder of .txt
+    # or a Hugging Face `datasets` folder (Dataset.save_to_disk)
     text_column: str = "text"
     label_column: str | None = "label"
     group_column: str | None = None  # for natural partitions, e.g. "role"
@@ -222,6 +261,9 @@ class DataConfig(Section):
     max_roles: int | None = Field(None, ge=1)
     # Plain-text corpora (.txt or a folder of them): one example per paragraph (blank-line separated) or per line.
     text_unit: Literal["paragraph", "line"] = "paragraph"
+    # A saved DatasetDict (save_to_disk): the split to read; None: "train" (or its only split).
+    split: str | None = Field(None, min_length=1)
+    quality: QualityConfig = QualityConfig()  # client-side data quality (fedfm.data.quality), off by default
 
 
 class PartitionConfig(Section):
@@ -257,7 +299,7 @@ class AlgorithmConfig(EntrySection):
 
     name: Annotated[str, choice(ALGORITHMS)] = "fedavg"
     server_lr: float = Field(1.0, gt=0)
-    weighting: Literal["examples", "uniform"] = "examples"
+    weighting: Annotated[str, choice(WEIGHTINGS)] = "examples"  # examples, uniform, quality (fedfm.algorithms.fedavg)
     # > 0: evaluate and release an exponential moving average of the global versions (clients still
     # train from the newest); post-processing, so free under DP (De et al. 2022)
     ema_decay: float = Field(0.0, ge=0, lt=1)
@@ -290,7 +332,12 @@ class EvalConfig(Section):
     every: int = Field(5, ge=0)  # evaluate every N rounds (0: only after the last round)
     clients: bool = True  # per-client metrics on local test splits
     batch_size: int = Field(64, ge=1)
-    max_test_examples: int | None = Field(None, ge=1)
+    # At most this many rows in the global test set, and at most this many in all clients' local
+    # test splits together (the largest clients are trimmed first, fedfm.data.partition.cap_test_rows).
+    # The default keeps one evaluation of a large dataset within a few training rounds (README).
+    max_test_examples: int | None = Field(2000, ge=1)
+    # Clients with fewer local test rows are left out of the client_* fairness statistics (and counted).
+    min_client_test_examples: int = Field(5, ge=1)
     # Report backdoor_success_rate (attack.trigger, attack.target_label) even without a
     # backdoor attacker: the clean baseline. Always on when attack.name=backdoor.
     backdoor: bool = False
@@ -488,18 +535,45 @@ class ContinualConfig(Section):
     group before ':' -- a Shakespeare play -- for unlabelled data) is in ``tasks[k]``;
     unset: labels in id order, two per task (an odd last label is a task of its own).
     ``stream=windows``: each client's shard (in dataset order) is cut into
-    ``num_windows`` consecutive windows.
+    ``num_windows`` consecutive windows; with ``time_column`` the cut is by that
+    column's time instead (equal-width windows or ``time_boundaries``).
     """
 
     enabled: bool = False
     stream: Literal["tasks", "windows"] = "tasks"
     tasks: list[list[str]] | None = None
     num_windows: int = Field(3, ge=2)
+    # stream=windows by time: rows are staged by this column's value (numbers or dates, fedfm.data.times),
+    # cut into num_windows equal-width time windows, or at time_boundaries (k values -> k+1 stages)
+    time_column: str | None = None
+    time_boundaries: list[float | str] | None = None
     rounds_per_stage: int | None = Field(None, ge=1)  # None: federation.rounds in every stage
     replay: ReplayConfig = ReplayConfig()
     regularizer: ContinualRegularizerConfig = ContinualRegularizerConfig()
     per_task_adapters: bool = False  # one trainable state per task; the task id picks it at test time
     adapter_init: Literal["previous", "initial"] = "previous"  # where a new task's state starts
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dates_as_text(cls, data):
+        """YAML reads an unquoted 2024-03-01 as a date: keep boundaries as ISO text."""
+        import datetime
+
+        if isinstance(data, dict) and isinstance(data.get("time_boundaries"), list):
+            data = {**data, "time_boundaries": [b.isoformat() if isinstance(b, (datetime.date, datetime.datetime))
+                                                else b for b in data["time_boundaries"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _time_cut(self) -> "ContinualConfig":
+        if self.time_column is not None and self.stream != "windows":
+            raise ValueError("continual.time_column cuts time windows: set continual.stream=windows")
+        if self.time_boundaries is not None:
+            if self.time_column is None:
+                raise ValueError("continual.time_boundaries needs continual.time_column")
+            if not self.time_boundaries:
+                raise ValueError("continual.time_boundaries needs at least one boundary (k boundaries: k+1 stages)")
+        return self
 
     @model_validator(mode="after")
     def _disjoint_tasks(self) -> "ContinualConfig":
@@ -618,7 +692,7 @@ class DeployConfig(Section):
     closes when every sampled node has replied or at ``round_timeout_s``
     with at least ``min_replies`` updates folded (fewer: nothing is released
     that round). Round 1 waits up to ``join_timeout_s`` for ``min_nodes``
-    nodes. ``test_data``: the server's own test file; None: the global
+    nodes, every later round up to ``round_timeout_s`` (then samples among the connected). ``test_data``: the server's own test file; None: the global
     held-out split of ``data.dataset`` (as in a simulation of the same config).
     """
 
@@ -635,6 +709,31 @@ class DeployConfig(Section):
     def _secure_or_explicit(self) -> "DeployConfig":
         if self.insecure and self.root_certificates:
             raise ValueError("deploy.insecure and deploy.root_certificates exclude each other")
+        return self
+
+
+class TrackingConfig(Section):
+    """Also log every round's metrics and the resolved config to an experiment tracker (fedfm.eval.tracking).
+
+    ``tensorboard``: torch's SummaryWriter into RUN_DIR/tensorboard (``dir``: DIR/<run folder name>);
+    ``mlflow``: a local SQLite store RUN_DIR/mlruns/mlflow.db (``dir``: DIR/mlflow.db, shared by runs), or
+    any MLflow tracking ``uri``; no server needed. ``tracking: mlflow`` is short for ``tracking: {kind: mlflow}``.
+    """
+
+    kind: Literal["none", "tensorboard", "mlflow"] = "none"
+    dir: str | None = None  # a folder shared by runs; None: inside the run folder
+    uri: str | None = None  # mlflow only: a tracking URI (sqlite:///..., http://host:5000); overrides dir
+    experiment: str = Field("fedfm", min_length=1)  # mlflow only: the experiment's name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data):
+        return {"kind": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _uri_for_mlflow(self) -> "TrackingConfig":
+        if self.uri is not None and self.kind != "mlflow":
+            raise ValueError(f"tracking.uri is for kind mlflow (kind is {self.kind}); use tracking.dir")
         return self
 
 
@@ -667,3 +766,4 @@ class RunConfig(Section):
     devices: DevicesConfig = DevicesConfig()
     asynchronous: AsyncConfig = AsyncConfig()
     deploy: DeployConfig = DeployConfig()
+    tracking: TrackingConfig = TrackingConfig()

@@ -12,6 +12,13 @@ task ``k`` has its own test rows.
 * ``stream=windows`` (arrival over time): the dataset order is the time order;
   each client's shard, in that order, is cut into ``num_windows`` consecutive
   windows of near-equal size, and so is the global test set.
+* ``stream=windows`` with ``time_column``: the time is that column's value
+  (a number or a date, :mod:`fedfm.data.times`), not the file order. Stage
+  ``k`` holds the rows with ``edge[k-1] <= t < edge[k]`` (the last stage also
+  its right end): the edges are ``continual.time_boundaries``, or else cut
+  ``[min t, max t]`` of the whole dataset into ``num_windows`` equal-width time
+  windows. Every client and the test set use the same edges, so a stage is one
+  real period of time for everyone (its size varies with the traffic in it).
 
 A plan's :attr:`StreamPlan.rule` is all a client needs to cut its own rows the
 same way (:func:`client_stages`): a deployed node does it on its own data.
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedfm.data.times import as_seconds, format_time, is_date, parse_time
 from fedfm.errors import FedfmError
 
 
@@ -34,11 +42,14 @@ class StreamPlan:
     train: list[list[np.ndarray]]  # [stage][client] -> sorted row indices
     test: list[np.ndarray]  # [stage] -> sorted global test row indices
     tasks: list[list[str]] | None = None  # stream=tasks: the names each stage reveals (None: windows)
+    time_edges: list[float] | None = None  # windows by time_column: the inner stage boundaries (as numbers)
 
     @property
     def rule(self) -> dict:
         """How a client cuts its own rows into the stages (:func:`client_stages`), as JSON."""
-        return {"tasks": self.tasks} if self.tasks is not None else {"windows": self.num_stages}
+        if self.tasks is not None:
+            return {"tasks": self.tasks}
+        return {"time_edges": self.time_edges} if self.time_edges is not None else {"windows": self.num_stages}
 
     @property
     def num_stages(self) -> int:
@@ -124,6 +135,64 @@ def plan_windows(shards: list[np.ndarray], test_idx: np.ndarray, num_windows: in
     return StreamPlan(names=[f"window {k}" for k in range(num_windows)], train=train, test=test)
 
 
+def _times_of(ds) -> np.ndarray:
+    if getattr(ds, "times", None) is None:
+        raise FedfmError("a time-cut stream needs the dataset's time column (continual.time_column)")
+    return ds.times
+
+
+def time_edges(times: np.ndarray, num_windows: int, boundaries, column: str) -> list[float]:
+    """The inner stage edges (as :func:`fedfm.data.times.as_seconds` numbers).
+
+    ``boundaries`` (numbers for a numeric column, dates for a date column, increasing),
+    or else ``num_windows`` equal-width windows over ``[min t, max t]``.
+    """
+    date = is_date(times)
+    t = as_seconds(times)
+    if boundaries is None:
+        lo, hi = float(t.min()), float(t.max())
+        if hi <= lo:
+            raise FedfmError(f"continual.time_column '{column}' has a single value ({format_time(lo, date)}): "
+                             "no time span to cut into stages")
+        return [lo + (hi - lo) * k / num_windows for k in range(1, num_windows)]
+    want = "date" if date else "number"
+    edges = []
+    for b in boundaries:
+        parsed = parse_time(b)
+        if parsed is None or parsed[1] != want:
+            raise FedfmError(f"continual.time_boundaries: {b!r} is not a {want} like the values of "
+                             f"time column '{column}'")
+        edges.append(parsed[0])
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise FedfmError(f"continual.time_boundaries must increase strictly, got {list(boundaries)}")
+    return edges
+
+
+def stage_of_times(times: np.ndarray, edges) -> np.ndarray:
+    """The stage of every time: ``k`` with ``edges[k-1] <= t < edges[k]`` (0 before the first, last after the last)."""
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(times, dtype=np.float64), side="right")
+
+
+def plan_times(ds, shards: list[np.ndarray], test_idx: np.ndarray, num_windows: int, boundaries,
+               column: str) -> StreamPlan:
+    """Stages by real time: every shard and the test set cut at the same time edges (:func:`time_edges`)."""
+    times = _times_of(ds)
+    edges = time_edges(times, num_windows, boundaries, column)
+    seconds = as_seconds(times)
+    stage = stage_of_times(seconds, edges)
+    n = len(edges) + 1
+    bounds = [float(seconds.min()), *edges, float(seconds.max())]
+    names = [f"{format_time(bounds[k], is_date(times))}..{format_time(bounds[k + 1], is_date(times))}"
+             for k in range(n)]
+    test = split_by_task(stage, test_idx, n)
+    for k, rows in enumerate(test):
+        if len(rows) == 0:
+            raise FedfmError(f"continual time window {names[k]} has no held-out test examples "
+                             "(set continual.time_boundaries, fewer num_windows, or raise data.test_fraction)")
+    train = _by_stage([split_by_task(stage, s, n) for s in shards], n)
+    return StreamPlan(names=names, train=train, test=test, time_edges=list(edges))
+
+
 def client_stages(rule: dict, ds, shard: np.ndarray) -> list[np.ndarray]:
     """One client's new rows in every stage, cut from its own ``shard`` of ``ds`` by a plan's :attr:`StreamPlan.rule`.
 
@@ -133,6 +202,9 @@ def client_stages(rule: dict, ds, shard: np.ndarray) -> list[np.ndarray]:
     if "tasks" in rule:
         tasks = rule["tasks"]
         return split_by_task(stage_of_examples(task_names_of(ds), tasks), shard, len(tasks))
+    if "time_edges" in rule:
+        edges = rule["time_edges"]
+        return split_by_task(stage_of_times(as_seconds(_times_of(ds)), edges), shard, len(edges) + 1)
     return split_by_window(shard, int(rule["windows"]))
 
 
@@ -140,6 +212,8 @@ def plan_stream(cfg, ds, shards: list[np.ndarray], test_idx: np.ndarray) -> Stre
     """The plan ``cfg`` (a ``ContinualConfig``) asks for; refuses a stage in which no client gets data."""
     if cfg.stream == "tasks":
         plan = plan_tasks(ds, shards, test_idx, cfg.tasks)
+    elif getattr(cfg, "time_column", None) is not None:
+        plan = plan_times(ds, shards, test_idx, cfg.num_windows, cfg.time_boundaries, cfg.time_column)
     else:
         plan = plan_windows(shards, test_idx, cfg.num_windows)
     for k, parts in enumerate(plan.train):

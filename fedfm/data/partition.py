@@ -230,3 +230,25 @@ def split_client(indices: np.ndarray, test_fraction: float, seed: int) -> tuple[
     n_test = min(max(1, int(round(m * test_fraction))), m - 1)
     perm = np.random.default_rng(seed).permutation(m)
     return np.sort(indices[perm[n_test:]]), np.sort(indices[perm[:n_test]])
+
+
+def cap_test_rows(test_parts: Sequence[np.ndarray], cap: int, seed: int) -> list[np.ndarray]:
+    """At most ``cap`` rows in all clients' local test splits together, trimming the largest first.
+
+    Water-filling: the largest per-client size ``t`` with ``sum_i min(n_i, t) <= cap``;
+    a client with more than ``t`` test rows keeps a seeded random ``t`` of them,
+    smaller clients keep all theirs (so the cap never pushes a small client
+    under ``eval.min_client_test_examples``). Unchanged when the total fits.
+    """
+    sizes = np.array([len(p) for p in test_parts], dtype=np.int64)
+    if sizes.sum() <= cap:
+        return [np.asarray(p, dtype=np.int64) for p in test_parts]
+    t = 0
+    for size in np.unique(sizes):  # ascending: the budget at t=size is sum(min(n, size))
+        if np.minimum(sizes, size).sum() > cap:
+            below = sizes[sizes < size]  # clients kept whole; the rest share what is left equally
+            t = (cap - int(below.sum())) // int((sizes >= size).sum())
+            break
+    rng = np.random.default_rng([seed, 0x7E57])
+    return [np.sort(rng.choice(p, t, replace=False)).astype(np.int64) if len(p) > t else np.asarray(p, dtype=np.int64)
+            for p in test_parts]

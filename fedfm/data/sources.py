@@ -10,7 +10,10 @@ optional natural partition key per example). Built-ins:
   "LEAF: A Benchmark for Federated Settings"), where each role is one client.
 
 Anything else must be a local ``.csv``, ``.jsonl``, ``.json`` or ``.parquet``
-file, read with ``datasets.load_dataset`` (no network access), or a plain-text
+file, read with ``datasets.load_dataset`` (no network access), a folder that
+``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` wrote (found by its
+``state.json`` / ``dataset_dict.json``; read with ``datasets.load_from_disk``;
+of a DatasetDict the ``data.split`` split, default ``train``), or a plain-text
 corpus: one ``.txt`` file or a folder of them (searched recursively), one
 example per paragraph or per line (``data.text_unit``), each example grouped
 by the file it came from, so ``partition.scheme=natural`` gives every file
@@ -32,11 +35,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from fedfm.config.schema import DataConfig
+from fedfm.data.times import parse_times
 from fedfm.errors import FedfmError
 
 BUILTINS = ("bbc_news", "shakespeare")
 FILE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT_SUFFIX = ".txt"
+SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes into a Dataset / DatasetDict folder
 
 
 @dataclass
@@ -45,6 +50,7 @@ class TextDataset:
     labels: np.ndarray | None  # int64 class ids (None for unlabeled data)
     label_names: list[str] | None  # names for the ids
     groups: list[str] | None  # natural partition key per example (e.g. "hamlet_gut:Ham"), or None
+    times: np.ndarray | None = None  # continual.time_column as float64 (fedfm.data.times), or None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -66,10 +72,12 @@ class TextDataset:
             labels=None if self.labels is None else self.labels[idx],
             label_names=self.label_names,
             groups=None if self.groups is None else [self.groups[i] for i in idx],
+            times=None if self.times is None else self.times[idx],
         )
 
 
-def load_text_dataset(cfg: DataConfig, task: str, seed: int = 0, min_classes: int = 2) -> TextDataset:
+def load_text_dataset(cfg: DataConfig, task: str, seed: int = 0, min_classes: int = 2,
+                      time_column: str | None = None) -> TextDataset:
     """Load the dataset named by ``cfg.dataset`` for ``task`` (``seq_cls`` or ``causal_lm``).
 
     Labels are returned whenever the source has them (so label-skew partitions
@@ -90,7 +98,10 @@ def load_text_dataset(cfg: DataConfig, task: str, seed: int = 0, min_classes: in
             )
         data = _load_shakespeare(cfg.min_lines_per_role, cfg.max_roles)
     else:
-        data = _load_file(cfg, task)
+        data = _load_file(cfg, task, time_column)
+    if time_column is not None and data.times is None:  # continual.time_column: a column of a table
+        raise FedfmError(f"continual.time_column '{time_column}' needs a table (csv/jsonl/json/parquet file or "
+                         f"saved dataset) with that column; dataset '{name}' has no columns")
 
     keep = [i for i, t in enumerate(data.texts) if t.strip()]
     if len(keep) < len(data):
@@ -322,8 +333,10 @@ def _load_shakespeare(min_speeches: int, max_roles: int | None) -> TextDataset:
 # ----------------------------------------------------------------------------- local files
 
 
-def _load_file(cfg: DataConfig, task: str) -> TextDataset:
+def _load_file(cfg: DataConfig, task: str, time_column: str | None = None) -> TextDataset:
     path = Path(cfg.dataset).expanduser()
+    if is_saved_dataset(path):
+        return _from_table(load_saved_dataset(path, cfg.split), cfg, task, path, time_column)
     if path.is_dir() or path.suffix.lower() == TEXT_SUFFIX:
         return load_text_files(path, cfg.text_unit)
     fmt = FILE_FORMATS.get(path.suffix.lower())
@@ -341,7 +354,11 @@ def _load_file(cfg: DataConfig, task: str) -> TextDataset:
         raise FedfmError(f"data file not found: {path}")
 
     check_data_file(path, fmt)
-    ds = _load_with_datasets(path, fmt)
+    return _from_table(_load_with_datasets(path, fmt), cfg, task, path, time_column)
+
+
+def _from_table(ds, cfg: DataConfig, task: str, path: Path, time_column: str | None = None) -> TextDataset:
+    """A ``datasets.Dataset`` read from ``path`` as a TextDataset: the configured columns, labels encoded."""
     if ds.num_rows == 0:
         raise FedfmError(f"data file {path} has no rows")
     columns = list(ds.column_names)
@@ -357,14 +374,21 @@ def _load_file(cfg: DataConfig, task: str) -> TextDataset:
         need(cfg.label_column, "label column")
     if cfg.group_column is not None:
         need(cfg.group_column, "group column")
+    if time_column is not None:
+        need(time_column, "continual.time_column")
 
     texts = ["" if t is None else str(t) for t in ds[cfg.text_column]]
     labels = label_names = groups = None
     if cfg.label_column is not None and cfg.label_column in columns:
-        labels, label_names = _encode_labels(ds[cfg.label_column], cfg.label_column, path)
+        values = list(ds[cfg.label_column])
+        names = getattr(ds.features[cfg.label_column], "names", None)  # a ClassLabel column: its own names
+        if names is not None:
+            values = [None if v is None or v < 0 else names[v] for v in values]  # -1: no label
+        labels, label_names = _encode_labels(values, cfg.label_column, path)
     if cfg.group_column is not None:
         groups = ["" if g is None else str(g) for g in ds[cfg.group_column]]
-    return TextDataset(texts, labels, label_names, groups)
+    times = None if time_column is None else parse_times(ds[time_column], time_column, str(path))
+    return TextDataset(texts, labels, label_names, groups, times)
 
 
 def check_data_file(path: Path, fmt: str) -> None:
@@ -446,6 +470,32 @@ def _load_with_datasets(path: Path, fmt: str):
         datasets.logging.set_verbosity(verbosity)
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and any((path / name).is_file() for name in SAVED_MARKERS)
+
+
+def load_saved_dataset(path: Path, split: str | None = None):
+    """A ``save_to_disk`` folder read with ``datasets.load_from_disk``; of a DatasetDict, the split
+    ``split`` (None: ``train``, or its only split). Failures are one line naming the folder."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # a damaged folder (missing .arrow files, bad JSON), another datasets version
+        raise FedfmError(f"cannot read datasets folder {path}: {_root_cause(e)}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        name = split if split is not None else "train" if "train" in splits or len(splits) != 1 else splits[0]
+        if name not in splits:
+            raise FedfmError(f"datasets folder {path} has no split '{name}'; its splits: {splits} (set data.split)")
+        return ds[name]
+    if split is not None:
+        raise FedfmError(f"datasets folder {path} holds one Dataset, no splits: unset data.split (got '{split}')")
+    return ds
+
+
 def _root_cause(err: BaseException) -> str:
     """``Type: first line`` of the innermost cause of ``err`` (datasets wraps the reader's error)."""
     while err.__cause__ is not None:
@@ -479,7 +529,10 @@ def load_text_files(path: Path, unit: str = "paragraph") -> TextDataset:
     if path.is_dir():
         files = sorted(f for f in path.rglob(f"*{TEXT_SUFFIX}") if f.is_file())
         if not files:
-            raise FedfmError(f"no {TEXT_SUFFIX} files in folder {path}")
+            raise FedfmError(
+                f"no {TEXT_SUFFIX} files in folder {path}, and it is not a datasets folder "
+                f"(save_to_disk writes {' or '.join(SAVED_MARKERS)})"
+            )
         names = [f.relative_to(path).as_posix() for f in files]
     elif path.is_file():
         files, names = [path], [path.name]

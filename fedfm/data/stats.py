@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def partition_stats(parts: list[np.ndarray], labels: np.ndarray | None, num_classes: int | None) -> dict:
+def partition_stats(parts: list[np.ndarray], labels: np.ndarray | None, num_classes: int | None,
+                    groups: list[list[str]] | None = None) -> dict:
     """Sizes of every client and, given labels, their label histograms and skew.
+
+    ``groups``: a natural partition's group values (user ids, role names) of
+    every client; kept as ``client_groups`` (client index as a string -> its
+    sorted group values), so results per client can be read per user.
 
     ``label_skew_tv`` is the mean over non-empty clients of the total-variation
     distance ``0.5 * sum_c |p_client(c) - p_global(c)|`` between a client's
@@ -24,6 +29,8 @@ def partition_stats(parts: list[np.ndarray], labels: np.ndarray | None, num_clas
         "size_max": int(sizes.max()) if len(sizes) else 0,
         "size_std": float(sizes.std()) if len(sizes) else 0.0,
     }
+    if groups is not None:
+        stats["client_groups"] = {str(c): sorted(str(g) for g in gs) for c, gs in enumerate(groups)}
     if labels is None:
         return stats
     labels = np.asarray(labels, dtype=np.int64)

@@ -193,7 +193,7 @@ class NodeWorker:
     def _build(self, cfg, cid: int, labels, key: str) -> NodeSession:
         import torch
 
-        from fedfm.build import client_trainer, seed_everything
+        from fedfm.build import clean_client, client_trainer, seed_everything
         from fedfm.client.client import ClientApp
         from fedfm.client.data import Client
         from fedfm.compression.wire import Wire
@@ -222,6 +222,8 @@ class NodeWorker:
         train, test = split_client(np.arange(len(ds.texts)), cfg.data.client_test_fraction,
                                    seed=cfg.seed * 1_000_003 + cid)  # the split a simulated client cid gets
         client = Client(cid=cid, train_idx=train, test_idx=test)
+        if cfg.data.quality.enabled:  # the node filters its own rows; it reports only the counts
+            clean_client(cfg, ds, client)
         session = NodeSession(key, cfg, ClientApp(trainer, algorithm, Wire(cfg.compression, cfg.seed)), client,
                               algorithm.fold)
         if cfg.continual.enabled:

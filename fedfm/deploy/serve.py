@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedfm import run_folder
-from fedfm.build import Run, build_clients, limit_test, start_run
+from fedfm.build import Run, build_clients, check_quality, limit_test, start_run
 from fedfm.client.batched import check_batching
 from fedfm.compression import check_compression
 from fedfm.compression.wire import Wire
@@ -56,6 +56,8 @@ UNSUPPORTED = (
      "continual.regularizer with privacy.secure_aggregation: not deployed yet "
      "(both ride a train message's second payload)"),
     (lambda c: c.robust.rule == "fltrust", "robust.rule=fltrust: not deployed yet (needs the server's root data)"),
+    (lambda c: c.continual.enabled and c.continual.time_column is not None,
+     "continual.time_column: simulated only yet (the nodes would need the server's time boundaries)"),
     (lambda c: c.train.batch_clients > 1, "train.batch_clients: a node trains one client"),
 )
 
@@ -65,6 +67,7 @@ def check_deployable(cfg: RunConfig) -> None:
     check_personalization(cfg)
     check_compression(cfg)
     check_batching(cfg)
+    check_quality(cfg)  # data.quality: what a simulation refuses (the nodes filter their own rows)
     if cfg.continual.enabled:
         check_continual(cfg)  # what the stage loop refuses in a simulation, it refuses deployed
     for asked, why in UNSUPPORTED:

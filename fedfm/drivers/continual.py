@@ -66,6 +66,8 @@ from fedfm.drivers.workers import evaluation, run_in_group, start_workers
 from fedfm.errors import FedfmError
 from fedfm.eval.report import MetricsLog, write_json
 from fedfm.eval.summary import make_summary, state_metadata
+from fedfm.eval.tracking import open_tracker
+from fedfm.models.adapter import ADAPTER_DIR, save_adapter
 from fedfm.models.state import save_state, set_state_, state_to_bytes
 from fedfm.eval.progress import RunProgress
 from fedfm.registry import ATTACKS, NEEDS_ROOT_DATA, POISONS_DATA, ROBUST_RULES
@@ -280,9 +282,8 @@ class ContinualLoop:
         r, cfg = self.r, self.r.cfg
         group = r.sim.group
         self.main = group is None or group.main
-        self.metrics_log = MetricsLog(r.out / "metrics.jsonl" if self.main else None)
-        for record in kept or ():  # metrics.jsonl truncated to the checkpoint's round
-            self.metrics_log.write(record)
+        tracker = open_tracker(cfg, r.out, resumed=kept is not None, first_round=self.rnd + 1) if self.main else None
+        self.metrics_log = MetricsLog(r.out / "metrics.jsonl" if self.main else None, kept=kept or (), tracker=tracker)
         self.ckpt = checkpoint.Checkpointer(r.out, cfg.checkpoint.every, cfg.checkpoint.keep)
         T = self.plan.num_stages
         self.progress = RunProgress(cfg, console=console, enabled=cfg.progress and self.main)
@@ -370,6 +371,7 @@ class ContinualLoop:
         meta = {**state_metadata(cfg, r.num_labels, r.ds.label_names, server.version),
                 "continual_stages": json.dumps(self.plan.names)}
         save_state(server.global_state, r.out / "final_state.safetensors", metadata=meta)
+        save_adapter(r.fm, cfg.model, r.ds.label_names, r.out / ADAPTER_DIR)  # PEFT methods: a peft folder
         if self.cc.per_task_adapters:  # every task's state, keys "task<j>/<name>"
             both = OrderedDict((f"task{j}/{k}", v) for j, s in enumerate(self.task_states) for k, v in s.items())
             save_state(both, r.out / "task_states.safetensors", metadata=meta)

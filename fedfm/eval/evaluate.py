@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from fedfm.data.encode import Encoded, make_batch
-from fedfm.eval.fairness import fairness_stats
+from fedfm.eval.baseline import majority_label, prior_accuracy
+from fedfm.eval.fairness import client_stats
 
 
 @dataclass
@@ -81,13 +82,19 @@ def _metrics(scores: ExampleScores, sel: slice | np.ndarray, task: str) -> dict[
     return out
 
 
-def evaluate(fm, enc: Encoded, test_idx: np.ndarray, clients, batch_size: int, per_client: bool = True) -> dict:
+def evaluate(fm, enc: Encoded, test_idx: np.ndarray, clients, batch_size: int, per_client: bool = True,
+             min_client_test: int = 1) -> dict:
     """Global test metrics plus per-client metrics and their fairness statistics.
 
     Keys: ``test_loss``, ``test_accuracy`` (token accuracy for causal LM),
-    ``test_perplexity`` (causal LM), and with ``per_client``: ``client_<m>``
-    fairness stats (mean / worst10 / std / min / max) over clients'
-    local test splits, plus ``per_client`` with each client's values.
+    ``test_perplexity`` (causal LM); for classification ``test_prior_accuracy``,
+    the majority-class baseline (:mod:`fedfm.eval.baseline`: always the most
+    frequent label of the clients' training rows). With ``per_client``:
+    ``client_<m>_{mean,median,worst10,std,min,max}`` over the clients with at
+    least ``min_client_test`` local test rows (:func:`fedfm.eval.fairness.client_stats`),
+    ``clients_counted`` / ``clients_too_small`` (how many were in / left out),
+    ``client_prior_accuracy_mean`` over the same clients, and ``per_client``
+    with every client's value (also those left out).
     """
     parts = [np.asarray(test_idx, dtype=np.int64)]
     bounds = [0, len(parts[0])]
@@ -98,16 +105,27 @@ def evaluate(fm, enc: Encoded, test_idx: np.ndarray, clients, batch_size: int, p
     rows = np.concatenate(parts)
     scores = score_examples(fm, enc, rows, batch_size)
     out: dict = {f"test_{k}": v for k, v in _metrics(scores, slice(0, bounds[1]), fm.task).items()}
+    labels = enc.labels.numpy() if fm.task != "causal_lm" and enc.labels is not None else None
+    majority = None
+    if labels is not None and clients:
+        majority = majority_label(labels, np.concatenate([np.asarray(c.train_idx, dtype=np.int64) for c in clients]))
+    if majority is not None and len(parts[0]):
+        out["test_prior_accuracy"] = prior_accuracy(labels, parts[0], majority)
     if per_client:
         key = "perplexity" if fm.task == "causal_lm" else "accuracy"
-        per = {}
+        per, sizes = {}, {}
         for i, c in enumerate(clients):
             m = _metrics(scores, slice(bounds[i + 1], bounds[i + 2]), fm.task)
             if m:
-                per[c.cid] = m
-        values = np.array([m[key] for m in per.values()])
-        if len(values):
-            stats = fairness_stats(values, higher_is_better=(key == "accuracy"))
+                per[c.cid], sizes[c.cid] = m, len(c.test_idx)
+        if per:
+            stats = client_stats({c: m[key] for c, m in per.items()}, sizes, min_client_test,
+                                 higher_is_better=(key == "accuracy"))
+            out["clients_counted"], out["clients_too_small"] = stats.pop("counted"), stats.pop("too_small")
             out.update({f"client_{key}_{k}": v for k, v in stats.items()})
+            if majority is not None and out["clients_counted"]:
+                out["client_prior_accuracy_mean"] = float(np.mean([
+                    prior_accuracy(labels, c.test_idx, majority) for c in clients
+                    if c.cid in per and sizes[c.cid] >= min_client_test]))
         out["per_client"] = {str(cid): m[key] for cid, m in per.items()}
     return out

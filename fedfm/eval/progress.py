@@ -1,10 +1,17 @@
-"""Live progress display (rich) and the short end-of-run summary."""
+"""Live progress display (rich) and the short end-of-run summary.
+
+On a terminal a live bar shows the round in progress; when the output is not a
+terminal (a pipe, a log file, a batch job) a live display prints nothing, so
+one plain line per round is printed instead (``progress=false`` silences both).
+"""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from fedfm.data.quality import summary_line
 
 
 def _fmt_bytes(n: float) -> str:
@@ -25,9 +32,11 @@ class RunProgress:
         self.rounds = cfg.federation.rounds
         self.cohort = cfg.federation.clients_per_round
         self._progress = None
+        self._plain = False  # not a terminal: one plain line per round instead of the live bar
 
     def __enter__(self) -> "RunProgress":
-        if self.enabled:
+        self._plain = self.enabled and not self.console.is_terminal
+        if self.enabled and not self._plain:
             self._progress = Progress(
                 TextColumn("[bold]round"),
                 BarColumn(),
@@ -47,6 +56,8 @@ class RunProgress:
             self._progress = None
 
     def print(self, *args, **kwargs) -> None:
+        if self._plain:  # a log file: whole lines, not wrapped at the console width
+            kwargs.setdefault("soft_wrap", True)
         if self.enabled:
             self.console.print(*args, **kwargs)
 
@@ -62,6 +73,8 @@ class RunProgress:
             f"  data: {n_examples} examples, {n_test} global test; client train sizes "
             f"{stats['size_min']}-{stats['size_max']} (mean {stats['size_mean']:.1f}){skew_txt}"
         )
+        if "data_quality" in stats:  # data.quality: the clients' own filters, counts only
+            self.print(f"  {summary_line(stats['data_quality'])}")
         self.print(f"  trainable state: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     def client_done(self, cid: int) -> None:
@@ -74,11 +87,19 @@ class RunProgress:
             if f"test_{self.key}" in r:
                 desc += f"  test {self.key} {r[f'test_{self.key}']:.4g}"
             self._progress.update(self._task, description=desc)
+        if self._plain and f"test_{self.key}" not in r and r.get("round", 0) > 0:
+            loss = r.get("train_loss")
+            loss_txt = f" | train loss {loss:.4f}" if isinstance(loss, float) and loss == loss else ""
+            wall = f" | elapsed {r['wall_s']:.1f} s" if "wall_s" in r else ""
+            self.print(f"  round {r['round']:>3}/{self.rounds}{loss_txt}{wall}")
         if f"test_{self.key}" in r:
             parts = [f"round {r['round']:>3}", f"test {self.key} {r[f'test_{self.key}']:.4f}", f"loss {r['test_loss']:.4f}"]
+            if "test_prior_accuracy" in r:  # the majority-class baseline the accuracy is read against
+                parts.append(f"prior {r['test_prior_accuracy']:.4f}")
             if f"client_{self.key}_mean" in r:
                 parts.append(
-                    f"clients mean {r[f'client_{self.key}_mean']:.4f} worst10% {r[f'client_{self.key}_worst10']:.4f}"
+                    f"clients mean {r[f'client_{self.key}_mean']:.4f} median {r[f'client_{self.key}_median']:.4f} "
+                    f"worst10% {r[f'client_{self.key}_worst10']:.4f}"
                 )
             if "backdoor_success_rate" in r:
                 parts.append(f"backdoor {r['backdoor_success_rate']:.4f}")
@@ -94,11 +115,17 @@ class RunProgress:
         key = s["metric"]
         value = s.get(f"final_{key}")
         table.add_row(f"final test {key}", "n/a" if value is None else f"{value:.4f}")
+        if s.get("prior_accuracy") is not None:  # always the most frequent training label: read accuracy against it
+            table.add_row("majority-class baseline", f"{s['prior_accuracy']:.4f}")
         fin = s["final"]
         if f"client_{key}_mean" in fin:
+            left_out = s.get("clients_too_small") or 0
             table.add_row(
-                f"client {key} mean / worst 10% / std",
-                f"{fin[f'client_{key}_mean']:.4f} / {fin[f'client_{key}_worst10']:.4f} / {fin[f'client_{key}_std']:.4f}",
+                f"client {key} mean / median / worst 10% / std",
+                f"{fin[f'client_{key}_mean']:.4f} / {fin.get(f'client_{key}_median', float('nan')):.4f} / "
+                f"{fin[f'client_{key}_worst10']:.4f} / {fin[f'client_{key}_std']:.4f}"
+                + (f" ({s['clients_counted']} clients; {left_out} with < {s['min_client_test_examples']} test rows "
+                   "left out)" if left_out else ""),
             )
         if s.get("backdoor_success_rate") is not None:
             table.add_row("backdoor success rate", f"{s['backdoor_success_rate']:.4f}")
@@ -118,6 +145,8 @@ class RunProgress:
         table.add_row("trainable state", _fmt_bytes(s["trainable_state_bytes"]))
         if s["rejected_updates"]:
             table.add_row("rejected updates", str(s["rejected_updates"]))
+        if s.get("data_quality"):  # the latest counts each participating client reported
+            table.add_row("data quality (reported)", summary_line(s["data_quality"]).split(": ", 1)[1])
         table.add_row("wall time", f"{s['wall_s']:.1f} s")
         table.add_row("run folder", s["run_dir"])
         self.console.print(table)

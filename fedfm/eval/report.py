@@ -46,23 +46,38 @@ def value_or_nan(record: dict, key: str) -> float:
 
 
 class MetricsLog:
-    """Appends one JSON object per round to ``metrics.jsonl`` (flushed each line)."""
+    """Appends one JSON object per round to ``metrics.jsonl`` (flushed each line).
 
-    def __init__(self, path: Path | None) -> None:
+    ``kept``: the records a resumed run keeps (written first, not tracked again);
+    ``tracker``: an optional experiment tracker (:mod:`fedfm.eval.tracking`) that
+    gets every record written after them, and is closed with the log.
+    """
+
+    def __init__(self, path: Path | None, kept=(), tracker=None) -> None:
         self.path = path
         self.records: list[dict] = []
         # a run folder holds one run; None keeps the records in memory only (a simulation worker)
         self._fh = open(path, "w", encoding="utf-8") if path is not None else None
+        for record in kept:  # metrics.jsonl truncated to the checkpoint's round
+            self._append(record)
+        self.tracker = tracker
 
-    def write(self, record: dict) -> None:
+    def _append(self, record: dict) -> None:
         self.records.append(record)
         if self._fh is not None:
             self._fh.write(dumps(record) + "\n")
             self._fh.flush()
 
+    def write(self, record: dict) -> None:
+        self._append(record)
+        if self.tracker is not None:
+            self.tracker.log_round(strict(record))  # the numbers metrics.jsonl holds (non-finite: none)
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -88,6 +103,11 @@ def plot_metrics(records: list[dict], path: Path, task: str) -> None:
         if f"client_{key}_mean" in evals[0]:
             ax.plot(rounds, [value_or_nan(r, f"client_{key}_mean") for r in evals], "s--", label="client mean")
             ax.plot(rounds, [value_or_nan(r, f"client_{key}_worst10") for r in evals], "v:", label="client worst 10%")
+        if f"client_{key}_median" in evals[0]:
+            ax.plot(rounds, [value_or_nan(r, f"client_{key}_median") for r in evals], "d-.", label="client median")
+        if "test_prior_accuracy" in evals[-1]:  # always the most frequent training label (fedfm.eval.baseline)
+            ax.axhline(evals[-1]["test_prior_accuracy"], color="grey", linestyle="--", linewidth=1,
+                       label=f"majority-class baseline ({evals[-1]['test_prior_accuracy']:.3f})")
         if key == "perplexity":
             ax.set_yscale("log")
     ax.set_xlabel("round")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedfm.compression.report import compression_summary
 from fedfm.config import RunConfig
+from fedfm.data.quality import quality_table
 from fedfm.models.chain import base_name
 from fedfm.models.state import state_nbytes
 
@@ -41,8 +42,11 @@ def make_summary(cfg: RunConfig, records: list[dict], server, sim, trainable: in
         "final_version": server.version,
         "metric": key,
         f"final_{key}": last.get(f"test_{key}"),
+        # the majority-class baseline: always the most frequent training label (fedfm.eval.baseline)
+        **({"prior_accuracy": last["test_prior_accuracy"]} if "test_prior_accuracy" in last else {}),
         **({"backdoor_success_rate": last["backdoor_success_rate"]} if "backdoor_success_rate" in last else {}),
         "final": final,
+        **client_block(cfg, last, key, out),
         "bytes_down_total": server.ledger.total["down"],
         "bytes_up_total": server.ledger.total["up"],
         "trainable_params": trainable,
@@ -51,10 +55,34 @@ def make_summary(cfg: RunConfig, records: list[dict], server, sim, trainable: in
         # upload bytes and compression factors vs the full float32 model and the trainable state
         "compression": compression_summary(cfg, server, total, state_nbytes(server.global_state)),
         "rejected_updates": len(server.rejected),
+        # data.quality: each client's latest reported counts (rows, kept, dropped by reason)
+        **({"data_quality": quality_table(server.quality)} if getattr(server, "quality", None) else {}),
         "attack": cfg.attack.name,
         "malicious_clients": sorted(sim.malicious),
         "robust_rule": cfg.robust.rule,
         "wall_s": wall,
         "run_dir": str(out),
         "state_file": str(out / "final_state.safetensors"),
+    }
+
+
+def client_block(cfg: RunConfig, last: dict, key: str, out: Path) -> dict:
+    """The last evaluation per client, with the group values (user ids) each holds in a natural partition.
+
+    The groups come from the run's partition.json (``client_groups``); the
+    counts say how many clients the ``client_*`` statistics left out for having
+    fewer than ``eval.min_client_test_examples`` local test rows.
+    """
+    if "per_client" not in last:
+        return {}
+    groups = {}
+    part = Path(out) / "partition.json"
+    if part.is_file():
+        groups = json.loads(part.read_text()).get("client_groups") or {}
+    per = {cid: {key: v, **({"groups": groups[cid]} if cid in groups else {})} for cid, v in last["per_client"].items()}
+    return {
+        "per_client": per,
+        "min_client_test_examples": cfg.eval.min_client_test_examples,
+        "clients_counted": last.get("clients_counted"),
+        "clients_too_small": last.get("clients_too_small"),
     }

@@ -23,7 +23,7 @@ from fedfm.config.schema import ModelConfig
 from fedfm.errors import FedfmError
 from fedfm.models.memory import check_fits
 from fedfm.models.methods import wrap
-from fedfm.models.pooling import install_pooling
+from fedfm.models.pooling import install_pooling, resolve_pooling
 from fedfm.models.registry import (
     ENCODER_TYPES,
     ModelSource,
@@ -50,6 +50,7 @@ class FedModel:
     params: "OrderedDict[str, torch.nn.Parameter]"  # trainable tensors by stable name
     task: str  # "seq_cls" | "causal_lm"
     method: str
+    pooling: str = "cls"  # how a seq_cls encoder pools: model.pooling made concrete (fedfm.models.pooling)
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +142,7 @@ def _wrapped_model(source: ModelSource, cfg: ModelConfig, num_labels: int | None
     config = base_config(source, cfg.task, num_labels, tokenizer)
     with quiet_transformers():
         model = auto_class(cfg.task).from_config(config, dtype=torch.float32)
-    install_pooling(model, cfg.pooling)
+    install_pooling(model, resolve_pooling(cfg.pooling, cfg.task, source.path))
     return wrap(model, cfg, cfg.task, source.tokenizer_path)
 
 
@@ -171,7 +172,8 @@ def assemble_model(
         model.config.pad_token_id = tokenizer.pad_token_id
         _check_length(cfg, model.config)
         heads = head_modules(model) if cfg.task == "seq_cls" else []
-        install_pooling(model, cfg.pooling)
+        pooling = resolve_pooling(cfg.pooling, cfg.task, source.path)
+        install_pooling(model, pooling)
         model = wrap(model, cfg, cfg.task, source.tokenizer_path)
     model.to(device).train()
     params = trainable_params(model)
@@ -185,4 +187,5 @@ def assemble_model(
         state, _ = load_state(cfg.init_state)
         check_start_state(state, cfg.init_state)
         set_state_(params, state)
-    return FedModel(model=model, tokenizer=tokenizer, params=params, task=cfg.task, method=cfg.method)
+    return FedModel(model=model, tokenizer=tokenizer, params=params, task=cfg.task, method=cfg.method,
+                    pooling=pooling)

@@ -35,6 +35,7 @@ import yaml
 from fedfm.config.schema import ModelConfig
 from fedfm.errors import FedfmError
 from fedfm.models.assemble import assemble_model
+from fedfm.models.pooling import declare_pooling
 from fedfm.models.state import load_state
 from fedfm.registry import MERGES_INTO_BASE, METHODS, PEFT
 
@@ -137,6 +138,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     tmp.mkdir(parents=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     fm.tokenizer.save_pretrained(str(tmp))
+    declare_pooling(tmp, fm.pooling, model.config.hidden_size)  # a mean-pooled head stays mean-pooled
     info = {"source_run": str(Path(run_dir).resolve()), "state_sha256": digest, "method": model_cfg.method,
             "task": model_cfg.task, "base": str(base.name)}
     (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")

@@ -8,7 +8,7 @@ One object owns everything the server does in a round, in this order:
 3. :meth:`Server.receive` takes one encoded update from whatever channel
    delivered it: decode it once (codecs included), check it once, before any
    fold (the sender is who it claims to be, belongs to the round and reports
-   once; a plausible example count; names, shapes, dtypes, NaN/Inf; the norm
+   once; a plausible example count and data-quality counts; names, shapes, dtypes, NaN/Inf; the norm
    bounds: :mod:`fedfm.robustness.validate`), zero-pad a smaller HetLoRA rank,
    weight it by staleness in asynchronous training, and fold it;
 4. :meth:`Server.close_round` unmasks the secure sum, finishes the fold (the
@@ -42,6 +42,7 @@ from fedfm.compression.wire import Wire, WireError
 from fedfm.models.lora_rank import pad
 from fedfm.privacy.secagg_crypto import SecAggAbort
 from fedfm.config.schema import ValidationConfig
+from fedfm.data.quality import ROWS, report_from_metrics, report_problem
 from fedfm.robustness.validate import NormBound, examples_problem, l2_norm, tensors_problem
 from fedfm.seeds import derive_seed
 from fedfm.server import state as server_state
@@ -110,6 +111,7 @@ class Server:
         self.cohort: set[int] | None = None  # the sync round's cohort (None: not told, or asynchronous)
         self._reported: set[int] = set()  # clients whose update reached this round (one each)
         self.secure_transport = None  # how secure-aggregation messages reach clients (None: in this process)
+        self.quality: dict[int, dict] = {}  # client -> its latest accepted data-quality counts (data.quality)
 
     # -- what clients are told -----------------------------------------------------------
     @property
@@ -183,6 +185,8 @@ class Server:
             return self.reject(sender, str(err), "fold")
         if norm is not None:
             self.norms.accept(norm)
+        if ROWS in update.metrics:  # checked in _problem: counts only, never a row
+            self.quality[sender] = report_from_metrics(update.metrics)
         return True
 
     def discard(self, payload: bytes, sender: int, reason: str) -> bool:
@@ -270,6 +274,9 @@ class Server:
         reason = examples_problem(update.num_examples, cap)
         if reason is not None:
             return "examples", reason
+        reason = report_problem(update.metrics, update.num_examples)  # data.quality counts, when reported
+        if reason is not None:
+            return "quality", reason
         rank = self.rank_of(sender) if self.rank_of is not None else None
         if rank is not None:
             try:
@@ -343,7 +350,8 @@ class Server:
     def round_facts(self) -> dict:
         """What this process's server saw of the round so far (ledger entries, rejections, uploads, accepted norms)."""
         return {"events": self._events, "rejected": self.rejected[self._from[0]:], "uploads": self.uploads - self._from[1],
-                "norms": [] if self.norms is None else list(self.norms.round_norms)}
+                "norms": [] if self.norms is None else list(self.norms.round_norms),
+                **({"quality": {str(c): q for c, q in self.quality.items()}} if self.quality else {})}
 
     def absorb(self, facts: dict) -> None:
         """Take in what another simulation worker's server saw of the round (see :meth:`round_facts`)."""
@@ -353,6 +361,7 @@ class Server:
         self.uploads += facts["uploads"]
         if self.norms is not None:
             self.norms.round_norms.extend(facts.get("norms", []))
+        self.quality.update((int(c), q) for c, q in facts.get("quality", {}).items())
 
     def partial(self):
         """The fold's running sums and scalars (summed across simulation workers, then :meth:`merge`)."""

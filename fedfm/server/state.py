@@ -44,6 +44,7 @@ def save(server, tensors: dict, orders: dict) -> dict:
         "holding": {str(c): v for c, v in server.holding.items()},
         "bases": list(server.bases),
         "staleness_seen": list(server.staleness_seen),
+        "quality": {str(c): q for c, q in server.quality.items()},  # data.quality counts the clients reported
     }
 
 
@@ -70,6 +71,7 @@ def load(server, meta: dict, tensors: Mapping[str, torch.Tensor], orders: dict) 
     server.holding = {int(c): int(v) for c, v in meta["holding"].items()}
     server.bases = {int(v): get_group(tensors, orders, f"server/base/{v}") for v in meta["bases"]}
     server.staleness_seen = [int(t) for t in meta["staleness_seen"]]
+    server.quality = {int(c): q for c, q in (meta.get("quality") or {}).items()}
 
 
 def _fold_state(fold, tensors: dict, orders: dict) -> dict:
