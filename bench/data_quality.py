@@ -15,8 +15,8 @@ clients, noise and cohorts):
 * ``clean``: the default job without injected data (the ceiling);
 * ``noisy``: plain FedAvg on the bad data;
 * ``filter``: ``data.quality`` on the clients: exact and near-duplicate removal,
-  plus the loss filter (rows above ``median + 3 MAD`` or above ``ln C``, the
-  loss of a uniform guess, under the current global model, from version 1);
+  plus the loss filter (rows whose label the current global model gives less
+  than 5% probability, from global version 5 on);
 * ``quality``: the same filters and ``algorithm.weighting=quality`` (each client
   weighted by examples x the fraction of its rows it kept; FedDQC, Du et al. 2024);
 * ``dedup`` (not run by default): duplicate removal alone, no loss filter.
@@ -69,9 +69,15 @@ SPAM = [
     "limited time offer buy cheap watches and designer bags at ninety percent discount "
     "visit our online shop today free delivery on every order worldwide",
 ]
-# ln 5 = 1.609: BBC News has 5 topics, so a row above it gets less than chance probability for its label
-FILTERS = ["data.quality.enabled=true", "data.quality.loss_filter=true", "data.quality.loss_k=3.0",
-           "data.quality.loss_max=1.609"]
+# The loss filter drops a row when the global model gives its label less than 5% probability (loss above
+# ln 20 = 2.996): a row the model confidently contradicts, as a flipped label is, while a hard but correctly
+# labelled row usually keeps more (confident learning, Northcutt et al. 2021, in its simplest form). Seen on
+# seeds 0 and 1: ln 5 (below chance) dropped those hard rows too and cost 0.7-0.9 points against no filter.
+# It starts at global version 5 (a third of the run): scored by a barely trained model, every row of a class
+# it does not know yet is "surprising" (from version 1 with ln 5, seed 0 fell to 0.804). The MAD rule is off:
+# once the model is good, median + 3 MAD of a client's losses is a small loss.
+FILTERS = ["data.quality.enabled=true", "data.quality.loss_filter=true", "data.quality.loss_k=null",
+           "data.quality.loss_max=2.996", "data.quality.loss_start_version=5"]
 CONDITIONS = {
     "clean": {"inject": False, "set": []},
     "noisy": {"inject": True, "set": []},

@@ -1,6 +1,14 @@
 """fedfm: Federated Foundation Models."""
 
+import logging as _logging
+
 __version__ = "0.1.0"
+
+# peft imports torchao whenever it is installed (model.quantize uses it): its start-up notes about CUDA-only
+# kernels that cannot load on this machine, and torch's about the enums torchao registers, are not the user's
+# concern. Real errors still show.
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 
 def run(config=None, overrides=(), resume=None, overwrite=False):

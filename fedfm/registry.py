@@ -270,3 +270,5 @@ PARTITIONERS = Registry("partition scheme", "fedfm.data", "fedfm.partitioners")
 WEIGHTINGS = Registry("weighting", "fedfm.algorithms", "fedfm.weightings")
 # Each attack is ``(attack: Attack, delta, benign_deltas, num_clients, num_byzantine, server_lr, generator) -> delta``.
 ATTACKS = Registry("attack", "fedfm.robustness", "fedfm.attacks")
+# model.quantize: how a frozen base is held (fedfm.models.quantize)
+QUANTIZERS = Registry("quantization mode", "fedfm.models.quantize", "fedfm.quantizers")

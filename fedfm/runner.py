@@ -30,6 +30,7 @@ import torch
 from fedfm import run_folder
 from fedfm.build import Run, build_run, run_dir_for
 from fedfm.client.batched import check_batching
+from fedfm.client.peak_memory import memory_summary
 from fedfm.compression import check_compression
 from fedfm.config import resolve_config
 from fedfm.drivers.continual import check_supported as check_continual
@@ -206,6 +207,7 @@ def finish(r: Run, records: list[dict], stop_reason: str | None, progress) -> di
 def run_facts(r: Run, records: list[dict]) -> dict:
     """The parts of summary.json that depend on what the run used (device, workers, fleet, privacy ...)."""
     out = {"device": str(r.device), "workers": 1 if r.sim.group is None else r.sim.group.world}
+    out["client_memory"] = memory_summary(r.fm.model, r.cfg.model.quantize, records, r.device)
     if r.plan is not None:
         out["personalization"] = personal_summary(r.plan, r.clients, records, r.cfg.model.task)
     if r.device.type == "cuda":

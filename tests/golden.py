@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from fedfm.client.peak_memory import MEASURED_KEYS
 from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).parent
@@ -150,7 +152,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-TIMING = ("wall_s", "round_s")  # everything else a round records is locked
+TIMING = ("wall_s", "round_s", *MEASURED_KEYS)  # everything else a round records is locked
 SUMMARY_KEYS = ("final_accuracy", "final_version", "bytes_up_total", "bytes_down_total", "rejected_updates",
                 "malicious_clients")
 

@@ -143,6 +143,10 @@ def test_loss_outliers_above_median_plus_k_mad():
     # half the rows bad: the median sits between the clusters and the MAD rule keeps them all
     assert not loss_outliers([0.1, 0.1, 0.2, 3.0, 3.1, 3.2], 3.0).any()
     assert loss_outliers([1.0, float("nan"), 2.0, 3.0], 3.0).tolist() == [False, True, False, False]
+    # k=None: the MAD rule is off, only the absolute bound (and non-finite losses) remain
+    assert loss_outliers([1, 2, 3, 4, 100], None).tolist() == [False] * 5
+    assert loss_outliers([1, 2, 3, 4, 100], None, max_loss=3.5).tolist() == [False, False, False, True, True]
+    assert loss_outliers([1.0, float("inf"), 2.0], None).tolist() == [False, True, False]
 
 
 def test_config_bounds_and_one_line_cli_errors(tmp_path):

@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import fedfm
 from fedfm.cli import app
+from fedfm.client.peak_memory import MEASURED_KEYS
 from fedfm.errors import FedfmError
 from fedfm.server import checkpoint
 
@@ -35,7 +37,7 @@ from test_end_to_end import tiny_cls_overrides  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
-CLOCK = ("wall_s", "round_s")  # the only fields allowed to differ
+CLOCK = ("wall_s", "round_s", *MEASURED_KEYS)  # the only fields allowed to differ
 
 KILLER = """
 import os, signal, sys

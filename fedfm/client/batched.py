@@ -168,6 +168,8 @@ def check_batching(cfg) -> None:
         "personalization": cfg.personalization.method != "none",
         "heterogeneous LoRA ranks": any(p.lora_rank is not None for p in cfg.devices.profiles),
         "continual learning": cfg.continual.enabled,
+        # torch.func's vmap does not trace torchao's quantized weights
+        "model.quantize=" + cfg.model.quantize: cfg.model.quantize != "none",
     }
     for what, bad in problems.items():
         if bad:

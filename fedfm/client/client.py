@@ -17,6 +17,7 @@ replaces its delta before encoding, as a real attacker would.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,9 @@ import torch
 from fedfm.algorithms.base import Algorithm, Update
 from fedfm.client.data import Client
 from fedfm.compression.wire import Wire
+from fedfm.client.peak_memory import PeakMemory
 from fedfm.data.quality import quality_metrics, with_loss_drops
+from fedfm.models.quantize import model_bytes
 from fedfm.robustness.validate import update_problem
 from fedfm.seeds import derive_seed
 
@@ -37,6 +40,8 @@ class Reply:
 
     ``loss``, ``examples`` and ``steps`` are what it reports in the clear (also
     inside ``payload``): the driver keeps time and the round's training loss with them.
+    ``memory_mb``: its measured peak memory while it trained (the model it holds plus
+    the rise during training, :mod:`fedfm.client.peak_memory`); None when unknown.
     """
 
     payload: bytes | None
@@ -45,6 +50,8 @@ class Reply:
     steps: int = 0
     masked: bool = False  # secure aggregation: its masked summand reached the server's session
     withheld: bool = False  # secure aggregation: it found its own update unfit and sent nothing
+    memory_mb: float | None = None
+    train_s: float | None = None  # wall seconds its local training took
 
     @property
     def sat_out(self) -> bool:
@@ -93,22 +100,35 @@ class ClientApp:
         self.algorithm = algorithm
         self.wire = wire if wire is not None else Wire()
         self.attack = attack
+        self._held: int | None = None  # bytes of the model the client holds (base + trainable state)
+
+    def held_bytes(self) -> int:
+        """Bytes of the model this client holds before it trains: the (maybe quantized) base and its state."""
+        if self._held is None:
+            fm = getattr(self.trainer, "fm", None)  # a stand-in trainer in tests holds no model
+            self._held = 0 if fm is None else model_bytes(fm.model)
+        return self._held
 
     def fit(self, client: Client, message: bytes, round_idx: int, secure=None) -> Reply:
         """Train ``client`` from the broadcast ``message``; ``secure``: the round's secure-aggregation session."""
         broadcast = self.wire.decode_broadcast(message)
         if client.quality is not None and len(client.train_idx) == 0:
             return Reply(None)  # its data-quality filters kept none of its rows: nothing to train on
-        update = self.trainer.local_update(self.algorithm, broadcast, client, round_idx)
+        t0 = time.perf_counter()
+        fm = getattr(self.trainer, "fm", None)
+        with PeakMemory(fm.device if fm is not None else "cpu") as peak:
+            update = self.trainer.local_update(self.algorithm, broadcast, client, round_idx)
+        train_s = time.perf_counter() - t0
         if update is None:  # sat the round out (no data this stage, or its DP-SGD budget is spent)
             return Reply(None)
+        memory_mb = None if peak.bytes is None else (self.held_bytes() + peak.bytes) / 2**20
         if client.quality is not None:  # only counts: rows, kept, dropped by reason (the loss filter's this round)
             update.metrics.update(quality_metrics(with_loss_drops(client.quality,
                                                                   client.quality.kept - update.num_examples)))
         if self.attack is not None:
             self.attack.apply(update, round_idx)
         facts = dict(loss=float(update.metrics["train_loss"]), examples=update.num_examples,
-                     steps=int(update.metrics.get("steps", 0)))
+                     steps=int(update.metrics.get("steps", 0)), memory_mb=memory_mb, train_s=train_s)
         if secure is not None:
             masked = self._mask(secure, update, broadcast.state, round_idx)
             return Reply(None, masked=masked, withheld=not masked, **facts)

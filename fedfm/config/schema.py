@@ -47,6 +47,7 @@ from fedfm.registry import (
     LEADING,
     METHODS,
     PARTITIONERS,
+    QUANTIZERS,
     ROBUST_RULES,
     VALUE,
     WEIGHTINGS,
@@ -193,6 +194,9 @@ class ModelConfig(Section):
     # mean = the mean of the real tokens' last hidden states (sentence-transformers; fedfm.models.pooling);
     # auto = what the model folder declares in its sentence-transformers modules.json (mean for MiniLM), else cls
     pooling: Literal["auto", "cls", "mean"] = "auto"
+    # how each process holds the frozen base (fedfm.models.quantize): none (float32), int8, nf4 (QLoRA's 4-bit);
+    # only the adapter and the head train and travel, in float32 as ever
+    quantize: Annotated[str, choice(QUANTIZERS)] = "none"
     lora: LoraConfig = LoraConfig()
     ia3: IA3Config = IA3Config()
     prompt: PromptConfig = PromptConfig()
@@ -208,6 +212,9 @@ class ModelConfig(Section):
             raise ValueError(f"model.scratch applies to name=llama-scratch, not name={self.name}")
         if self.pooling == "mean" and self.task != "seq_cls":
             raise ValueError(f"model.pooling={self.pooling} applies to task seq_cls, not {self.task}")
+        if self.quantize != "none" and self.method == "full":
+            raise ValueError(f"model.quantize={self.quantize} quantizes the frozen base, but method full trains "
+                             "every weight: use lora, ia3, prompt or prefix, or model.quantize=none")
         return self
 
 
@@ -234,7 +241,7 @@ class QualityConfig(Section):
     labels: bool = True  # classification: drop rows whose label is missing or outside the run's label set
     allowed_labels: list[str] | None = None  # the run's label set (names); None: every label name in the data
     loss_filter: bool = False  # drop loss outliers under the current global model (needs the model: client side)
-    loss_k: float = Field(3.0, gt=0)  # threshold median + loss_k * MAD of the client's per-row losses
+    loss_k: float | None = Field(3.0, gt=0)  # threshold median + loss_k * MAD of the client's per-row losses; None: off
     loss_max: float | None = Field(None, gt=0)  # also drop rows above this loss (e.g. ln C: below chance); None: off
     loss_start_version: int = Field(1, ge=0)  # score only from this global version on (version 0 is untrained)
 

@@ -239,9 +239,9 @@ def clean_rows(texts: Sequence[str], labels: Sequence[int] | None, opts, label_n
 
 
 # -- the loss-outlier filter ------------------------------------------------------------------------
-def loss_outliers(losses: Sequence[float], k: float, max_loss: float | None = None) -> np.ndarray:
-    """Boolean mask of the rows whose loss is above ``median + k * MAD`` (MAD: median absolute deviation),
-    or above ``max_loss`` when given.
+def loss_outliers(losses: Sequence[float], k: float | None, max_loss: float | None = None) -> np.ndarray:
+    """Boolean mask of the rows whose loss is above ``median + k * MAD`` (MAD: median absolute deviation;
+    ``k=None`` turns this rule off), or above ``max_loss`` when given.
 
     Non-finite losses are outliers. When the MAD is 0 (at least half the rows
     share one loss), the MAD rule marks nothing: there is no spread to measure.
@@ -256,6 +256,8 @@ def loss_outliers(losses: Sequence[float], k: float, max_loss: float | None = No
         return out
     if max_loss is not None:
         out |= np.isfinite(x) & (x > max_loss)
+    if k is None:
+        return out
     med = float(np.median(finite))
     mad = float(np.median(np.abs(finite - med)))
     if mad > 0:

@@ -27,6 +27,7 @@ import numpy as np
 from fedfm.deploy.driver import POLL_S, Deployment
 from fedfm.deploy.messages import payload_size
 from fedfm.drivers.asynchronous import async_summary
+from fedfm.drivers.simulation import memory_record, reported_memory
 from fedfm.seeds import derive_seed
 
 log = logging.getLogger("fedfm")
@@ -83,7 +84,7 @@ class AsyncDeployment:
         d, server, t0 = self.d, self.d.server, time.perf_counter()
         d.register(timeout_s=min(30.0, d.cfg.deploy.round_timeout_s))
         server.open_round(round_idx)
-        folded, dropped, failed, losses, weights = 0, 0, 0, [], []
+        folded, dropped, failed, losses, weights, memory = 0, 0, 0, [], [], []
         while folded < self.buffer_size:
             self._fill()
             if not self.ready:
@@ -104,12 +105,13 @@ class AsyncDeployment:
                 folded += 1
                 losses.append(float(header.get("loss", float("nan"))))
                 weights.append(max(int(header.get("examples", 0)), 0))
+                memory.append(reported_memory(header))
             if on_client is not None:
                 on_client(job.cid)
         record = server.close_round()
         loss = float(np.average(losses, weights=weights)) if losses and sum(weights) > 0 else float("nan")
         return {"round": round_idx, "accepted": folded, "dropped": dropped, "failed": failed, "train_loss": loss,
-                **record, "flower_payload_up": d.wire["up"], "flower_payload_down": d.wire["down"],
+                **record, **memory_record(memory), "flower_payload_up": d.wire["up"], "flower_payload_down": d.wire["down"],
                 "round_s": time.perf_counter() - t0}
 
     # -- checkpoints ------------------------------------------------------------------

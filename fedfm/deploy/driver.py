@@ -37,7 +37,7 @@ import numpy as np
 from flwr.app import Message
 
 from fedfm.deploy.messages import MessageError, pack, payload_size, unpack
-from fedfm.drivers.simulation import RoundTally, sample_from
+from fedfm.drivers.simulation import RoundTally, reported_memory, sample_from
 from fedfm.errors import FedfmError
 from fedfm.privacy.secagg_wire import pack as secagg_pack
 from fedfm.privacy.secagg_wire import unpack as secagg_unpack
@@ -197,6 +197,7 @@ class Deployment:
                 tally.accepted += 1
                 tally.losses.append(float(header.get("loss", float("nan"))))
                 tally.weights.append(max(int(header.get("examples", 0)), 0))
+                tally.memory.append(reported_memory(header))
             if on_client is not None:
                 on_client(cid)
 
@@ -210,7 +211,7 @@ class Deployment:
             server.abort_round(f"{tally.accepted} update(s) folded, deploy.min_replies={self.cfg.deploy.min_replies}")
         record = server.close_round()
         out = {"round": round_idx, "cohort": cohort, "accepted": tally.accepted, "train_loss": tally.train_loss(),
-               "dropped": len(late) + len(dead), "failed": len(failed), **record,
+               "dropped": len(late) + len(dead), "failed": len(failed), **record, **tally.memory_record(),
                "flower_payload_up": self.wire["up"], "flower_payload_down": self.wire["down"],
                "round_s": time.perf_counter() - t0}
         return out

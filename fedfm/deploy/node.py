@@ -131,7 +131,8 @@ class NodeWorker:
         secure = self._masking(session, cid, round_idx, payload, extra) if header.get("secure") else None
         reply = session.app.fit(session.client, payload, round_idx, secure=secure)
         self._save_state(session)
-        facts = {"cid": cid, "loss": reply.loss, "examples": reply.examples, "steps": reply.steps}
+        facts = {"cid": cid, "loss": reply.loss, "examples": reply.examples, "steps": reply.steps,
+                 "memory_mb": reply.memory_mb}
         if reply.masked:  # only the masked summand leaves the node
             from fedfm.privacy.secagg_wire import pack
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from fedfm.config.schema import AsyncConfig
+from fedfm.drivers.simulation import memory_record
 from fedfm.errors import FedfmError
 from fedfm.seeds import derive_seed
 
@@ -70,6 +71,8 @@ class AsyncEngine:
         self.heap: list[InFlight] = []
         self.busy: set[int] = set()
         self.started = 0
+        self.memory: list = []  # the measured peak memory of clients started since the last server step
+        self.step_s: list = []  # and their seconds per local step
 
     # -- starting clients --------------------------------------------------------------
     def _pick(self) -> int | None:
@@ -101,6 +104,8 @@ class AsyncEngine:
         if sim.app.attack is not None:  # an attacker's boost assumes a buffer's worth of peers
             sim.app.attack.begin_round(self.buffer_size, len(sim.app.attack.malicious))
         reply = sim.app.fit(sim.clients[cid], down, seq)
+        self.memory.append(reply.memory_mb)  # measured now, reported with the next server step
+        self.step_s.append(reply.train_s / reply.steps if reply.train_s is not None and reply.steps else None)
         if reply.payload is None:  # sat out (budget spent): it frees its slot at once
             heapq.heappush(self.heap, InFlight(sim.clock, seq, cid, version))
             return
@@ -139,6 +144,8 @@ class AsyncEngine:
             if on_client is not None:
                 on_client(job.cid)
         record = server.close_round()
+        measured = memory_record(self.memory, self.step_s)
+        self.memory, self.step_s = [], []
         return {
             "round": round_idx,
             "accepted": folded,
@@ -146,6 +153,7 @@ class AsyncEngine:
             "train_loss": float(np.average(losses, weights=weights)) if losses and sum(weights) > 0 else float("nan"),
             "virtual_s": sim.clock,
             **record,
+            **measured,
             "round_s": time.perf_counter() - t0,
         }
 

@@ -113,12 +113,15 @@ class Fleet:
 
 
 def training_footprint_mb(model, trainable_numel: int) -> float:
-    """A lower bound on training memory: every weight, plus gradient and two AdamW moments per trainable value.
+    """A lower bound on training memory: every weight as stored (a quantized base at its quantized size),
+    plus gradient and two AdamW moments per trainable value.
 
-    Activations are not counted (they depend on batch and sequence length).
+    Activations are not counted (they depend on batch and sequence length); the
+    measured peak (``client_memory_mb_*`` in metrics.jsonl) counts everything.
     """
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return (weights + 3 * 4 * trainable_numel) / 2**20
+    from fedfm.models.quantize import model_bytes
+
+    return (model_bytes(model) + 3 * 4 * trainable_numel) / 2**20
 
 
 def check_devices(cfg) -> None:

@@ -59,17 +59,48 @@ class RoundTally:
     times: list = field(default_factory=list)  # virtual arrival (or drop-out) times
     dropped: list = field(default_factory=list)
     late: list = field(default_factory=list)
+    memory: list = field(default_factory=list)  # each client's measured peak memory while training (MB)
+    step_s: list = field(default_factory=list)  # each client's wall seconds per local step
 
     def train_loss(self) -> float:
         return float(np.average(self.losses, weights=self.weights)) if self.losses else float("nan")
 
+    def memory_record(self) -> dict:
+        """The cohort's measured client memory (mean and max, MB) and seconds per local step (mean)."""
+        return memory_record(self.memory, self.step_s)
+
     def facts(self) -> dict:
-        return {k: getattr(self, k) for k in ("accepted", "losses", "weights", "times", "dropped", "late")}
+        return {k: getattr(self, k) for k in ("accepted", "losses", "weights", "times", "dropped", "late", "memory", "step_s")}
 
     def absorb(self, other: dict) -> None:
         self.accepted += other["accepted"]
-        for k in ("losses", "weights", "times", "dropped", "late"):
+        for k in ("losses", "weights", "times", "dropped", "late", "memory", "step_s"):
             getattr(self, k).extend(other[k])
+
+
+MAX_REPORTED_MB = 1e7  # 10 TB: a node claiming more is not believed
+
+
+def reported_memory(header: dict) -> float | None:
+    """A deployed node's reported peak memory (MB) when it is plausible (a finite number in [0, 10 TB]), else None."""
+    value = header.get("memory_mb")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if 0 <= value <= MAX_REPORTED_MB else None  # NaN fails both comparisons
+
+
+def memory_record(memory: list, step_s: list = ()) -> dict:
+    """``client_memory_mb_mean`` / ``_max`` of the measured peaks in ``memory`` (MB) and ``client_step_s``,
+    the mean of ``step_s`` (seconds per local step); a key is left out when nothing was measured."""
+    values = [float(m) for m in memory if m is not None]
+    steps = [float(s) for s in step_s if s is not None]
+    out = {}
+    if values:
+        out.update(client_memory_mb_mean=float(np.mean(values)), client_memory_mb_max=float(max(values)))
+    if steps:
+        out["client_step_s"] = float(np.mean(steps))
+    return out
 
 
 class Simulation:
@@ -136,7 +167,8 @@ class Simulation:
             record.update(virtual_s=self.clock, round_virtual_s=round_virtual, dropped=len(tally.dropped),
                           late=len(tally.late))
         return {"round": round_idx, "cohort": cohort, "accepted": tally.accepted, "malicious": len(bad),
-                "train_loss": tally.train_loss(), **record, "round_s": time.perf_counter() - t0}
+                "train_loss": tally.train_loss(), **record, **tally.memory_record(),
+                "round_s": time.perf_counter() - t0}
 
     def _drive(self, mine: list[int], round_idx: int, tally: RoundTally, vanished: set[int], on_client) -> None:
         """Move the broadcast to each of this process's clients and its reply back to the server."""
@@ -159,6 +191,8 @@ class Simulation:
             reply = self.app.fit(self.clients[cid], down, round_idx, secure=secure)
             if reply.sat_out:
                 continue
+            tally.memory.append(reply.memory_mb)
+            tally.step_s.append(reply.train_s / reply.steps if reply.train_s is not None and reply.steps else None)
             ok = reply.masked or (reply.payload is not None and self._deliver(reply, cid, len(down), tally))
             if ok is None:  # arrived after the deadline
                 continue

@@ -24,6 +24,7 @@ from fedfm.errors import FedfmError
 from fedfm.models.memory import check_fits
 from fedfm.models.methods import wrap
 from fedfm.models.pooling import install_pooling, resolve_pooling
+from fedfm.models.quantize import own_memory_, quantize_base_
 from fedfm.models.registry import (
     ENCODER_TYPES,
     ModelSource,
@@ -147,12 +148,15 @@ def _wrapped_model(source: ModelSource, cfg: ModelConfig, num_labels: int | None
 
 
 def assemble_model(
-    cfg: ModelConfig, num_labels: int | None = None, seed: int = 0, device: str | torch.device = "cpu"
+    cfg: ModelConfig, num_labels: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
+    dequantize_base: bool = False,
 ) -> FedModel:
     """Load ``cfg.name``, wrap it for ``cfg.method`` and collect its trainable state.
 
     ``cfg.start_from`` must already be resolved (:func:`fedfm.models.chain.resolve_start`);
     everything else is as documented on :func:`fedfm.models.build.build_model`.
+    ``dequantize_base``: with ``cfg.quantize``, hold the base as the float32 values of its
+    quantized weights (the same model, mergeable: :func:`fedfm.models.chain.export_run`).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     if cfg.start_from:
@@ -174,6 +178,8 @@ def assemble_model(
         heads = head_modules(model) if cfg.task == "seq_cls" else []
         pooling = resolve_pooling(cfg.pooling, cfg.task, source.path)
         install_pooling(model, pooling)
+        quantize_base_(model, cfg.quantize, skip=heads, dequantize=dequantize_base)  # model.quantize, layer by layer
+        own_memory_(model)  # release the checkpoint's memory map: resident memory is what the model holds
         model = wrap(model, cfg, cfg.task, source.tokenizer_path)
     model.to(device).train()
     params = trainable_params(model)

@@ -107,7 +107,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     The run's own base (itself possibly chained) is rebuilt, its final
     trainable state loaded, adapters merged into the weights, and the model
-    and tokenizer saved with ``save_pretrained`` (safetensors). Returns the folder.
+    and tokenizer saved with ``save_pretrained`` (safetensors). A run trained on
+    a quantized base (``model.quantize``) merges into the float32 values of the
+    quantized weights, so the export computes what the clients trained. Returns the folder.
     """
     prev_cfg, state_file = earlier_run(run_dir)
     model_cfg = prev_cfg.model
@@ -128,8 +130,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     _, meta = load_state(state_file)
     num_labels = int(meta.get("num_labels", "0") or 0) or None
     base = resolve_start(model_cfg)
-    fm = assemble_model(
-        base.model_copy(update={"init_state": str(state_file)}), num_labels, seed=prev_cfg.seed, device="cpu"
+    fm = assemble_model(  # a run trained on a quantized base merges into that base's float32 values
+        base.model_copy(update={"init_state": str(state_file)}), num_labels, seed=prev_cfg.seed, device="cpu",
+        dequantize_base=True,
     )
     model = fm.model.merge_and_unload() if METHODS.supports(model_cfg.method, PEFT) else fm.model
     model.config.pad_token_id = fm.tokenizer.pad_token_id

@@ -14,6 +14,8 @@ through may still be tight, but a run it refuses could never have started
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 from typing import Callable
@@ -27,6 +29,7 @@ log = logging.getLogger("fedfm")
 BYTES_PER_VALUE = 4  # float32 weights, gradients and optimizer moments
 STATE_COPIES = 3  # per trainable parameter: its gradient and two optimizer moments
 GIB = 1024**3
+_libc = None
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -89,3 +92,16 @@ def check_fits(build: Callable[[], torch.nn.Module], what: str, device: torch.de
             f"with gradients and optimizer moments) but only {free / GIB:.1f} GiB is available on {device}: "
             "choose a smaller model or adapter"
         )
+
+
+def trim_heap() -> None:
+    """Return the C allocator's free memory to the system (glibc only; elsewhere nothing)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)

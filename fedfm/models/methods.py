@@ -58,6 +58,8 @@ class Method:
             peft_config = self.peft_config(cfg, _TASK_TYPES[task], extra, tokenizer_path)
             with warnings.catch_warnings():  # peft 0.21 calls a name transformers 5 deprecated
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                # model.quantize=int8: fedfm merges adapters into a float32 base (fedfm export), never into int8
+                warnings.filterwarnings("ignore", message=".*TorchaoLoraLinear was instantiated.*")
                 wrapped = get_peft_model(model, peft_config)
         except (ValueError, KeyError, TypeError) as e:
             hint = (
