@@ -234,7 +234,10 @@ def main() -> None:
                 results[c][s] = {"status": "reused", **done}
             else:
                 jobs.append((c, s, over, str(run_dir)))
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) as pool:
+    # one fresh process per job (max_tasks_per_child=1): the injection patches fedfm.build in its process, and a
+    # reused process would carry the patch into the next job (a clean run injected, a noisy run injected twice)
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
         futures = {pool.submit(run_job, c, s, over, d, args.threads): (c, s) for c, s, over, d in jobs}
         for fut, (c, s) in futures.items():
             try:

@@ -81,7 +81,8 @@ t = threading.Thread(target=sample, daemon=True); t.start()
 fm = build_model(cfg, num_labels=5 if cfg.task == "seq_cls" else None)
 done.set(); t.join()
 end = status()
-print(json.dumps({"rss_rise_mb": end["VmHWM"] - base["VmRSS"], "anon_rise_mb": max(peak_anon[0], end["RssAnon"]) - base["RssAnon"],
+print(json.dumps({"rss_rise_mb": end["VmHWM"] - base["VmRSS"],
+                  "anon_rise_mb": max(peak_anon[0], end["RssAnon"]) - base["RssAnon"],
                   "model_mb": model_bytes(fm.model) / 2**20}))
 """
 

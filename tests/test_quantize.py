@@ -76,11 +76,13 @@ def test_quantized_base_counts_and_frozen_parts():
     fm8 = build_model(model_cfg("int8"), num_labels=5)
     emb = fm32.model.get_input_embeddings().weight
     vocab, dim = emb.shape
-    # float32: every frozen value at 4 bytes
+    # float32, by hand for tiny-bert (vocab 30522, hidden 32, 2 layers, FFN 64, 512 positions): embeddings,
+    # per layer q/k/v/o + 2 LayerNorms + FFN, the pooler, peft's frozen copy of the 5-class head, 4 bytes
+    # each; and two int64 buffers of 512 (position and token-type ids)
+    embeddings = 30522 * 32 + 512 * 32 + 2 * 32 + 2 * 32
+    layer = 4 * (32 * 32 + 32) + 2 * 32 + (32 * 64 + 64) + (64 * 32 + 32) + 2 * 32
     frozen32 = model_bytes(fm32.model, trainable=False)
-    assert frozen32 == sum(t.numel() * 4 for n, t in list(fm32.model.named_parameters()) + list(fm32.model.named_buffers())
-                           if not t.requires_grad and t.dtype == torch.float32) + sum(
-        b.numel() * b.element_size() for b in fm32.model.buffers() if b.dtype != torch.float32)
+    assert frozen32 == 4 * (embeddings + 2 * layer + (32 * 32 + 32) + (32 * 5 + 5)) + 2 * 8 * 512
     # int8: the embedding table is one byte a value plus one scale (and zero point) a row
     table = fm8.model.get_input_embeddings().weight
     assert vocab * dim <= storage_bytes(table) <= vocab * dim + vocab * 16
@@ -199,3 +201,17 @@ def test_export_of_a_quantized_run_computes_what_the_clients_trained(tmp_path, m
     ref = build_model(model_cfg("none"), num_labels=5).model.get_base_model()
     emb = plain.get_input_embeddings().weight
     assert not torch.equal(emb, ref.get_input_embeddings().weight)
+
+
+def test_a_nodes_reported_memory_is_checked():
+    from fedfm.drivers.simulation import memory_record, reported_memory
+
+    assert reported_memory({"memory_mb": 812.5}) == 812.5
+    assert reported_memory({"memory_mb": 0}) == 0.0
+    for bad in (float("nan"), float("inf"), -1.0, 1e12, "512", True, None, [1]):
+        assert reported_memory({"memory_mb": bad}) is None, bad
+    assert reported_memory({}) is None
+    # the round's record: mean and max of what was measured, nothing for the unmeasured
+    assert memory_record([100.0, None, 300.0], [0.5, None]) == {
+        "client_memory_mb_mean": 200.0, "client_memory_mb_max": 300.0, "client_step_s": 0.5}
+    assert memory_record([None], []) == {}

@@ -24,8 +24,8 @@ import torch
 
 from fedfm.algorithms.base import Algorithm, Update
 from fedfm.client.data import Client
-from fedfm.compression.wire import Wire
 from fedfm.client.peak_memory import PeakMemory
+from fedfm.compression.wire import Wire
 from fedfm.data.quality import quality_metrics, with_loss_drops
 from fedfm.models.quantize import model_bytes
 from fedfm.robustness.validate import update_problem

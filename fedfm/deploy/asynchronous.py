@@ -111,7 +111,8 @@ class AsyncDeployment:
         record = server.close_round()
         loss = float(np.average(losses, weights=weights)) if losses and sum(weights) > 0 else float("nan")
         return {"round": round_idx, "accepted": folded, "dropped": dropped, "failed": failed, "train_loss": loss,
-                **record, **memory_record(memory), "flower_payload_up": d.wire["up"], "flower_payload_down": d.wire["down"],
+                **record, **memory_record(memory),
+                "flower_payload_up": d.wire["up"], "flower_payload_down": d.wire["down"],
                 "round_s": time.perf_counter() - t0}
 
     # -- checkpoints ------------------------------------------------------------------

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from fedfm.client.data import Client
+from fedfm.client.peak_memory import memory_summary
 from fedfm.client.state import clients_section
 from fedfm.config import RunConfig
 from fedfm.continual.evaluate import evaluate_tasks, pooled
@@ -381,6 +382,7 @@ class ContinualLoop:
         summary = make_summary(cfg, records, server, r.sim, r.trainable, r.total, time.perf_counter() - r.t_start, r.out)
         summary["device"] = str(r.device)
         summary["workers"] = 1 if r.sim.group is None else r.sim.group.world
+        summary["client_memory"] = memory_summary(r.fm.model, cfg.model.quantize, records, r.device)
         final = self.per_stage[-1]
         summary.update(
             average_accuracy=final["average_accuracy"],

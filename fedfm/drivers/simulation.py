@@ -69,12 +69,14 @@ class RoundTally:
         """The cohort's measured client memory (mean and max, MB) and seconds per local step (mean)."""
         return memory_record(self.memory, self.step_s)
 
+    LISTS = ("losses", "weights", "times", "dropped", "late", "memory", "step_s")
+
     def facts(self) -> dict:
-        return {k: getattr(self, k) for k in ("accepted", "losses", "weights", "times", "dropped", "late", "memory", "step_s")}
+        return {"accepted": self.accepted, **{k: getattr(self, k) for k in self.LISTS}}
 
     def absorb(self, other: dict) -> None:
         self.accepted += other["accepted"]
-        for k in ("losses", "weights", "times", "dropped", "late", "memory", "step_s"):
+        for k in self.LISTS:
             getattr(self, k).extend(other[k])
 
 

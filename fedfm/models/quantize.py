@@ -102,25 +102,18 @@ def _nf4_linear(linear: torch.nn.Linear) -> None:
 class Quantizer:
     """One mode: how a frozen ``nn.Linear`` is quantized (embeddings are int8 per row in every mode)."""
 
-    name = "none"
-    bits = 32  # of a quantized linear weight (for the pre-flight memory estimate)
-
     def linear(self, linear: torch.nn.Linear) -> None:
         raise NotImplementedError
 
 
 @QUANTIZERS.register("int8", summary="int8 weight-only, one scale per output channel (torchao)")
 class Int8(Quantizer):
-    name, bits = "int8", 8
-
     def linear(self, linear):
         _int8_linear(linear)
 
 
 @QUANTIZERS.register("nf4", summary="4-bit NormalFloat with double-quantized block scales (QLoRA; torchao)")
 class NF4(Quantizer):
-    name, bits = "nf4", 4
-
     def linear(self, linear):
         _nf4_linear(linear)
 
