@@ -54,6 +54,11 @@ class Reply:
     train_s: float | None = None  # wall seconds its local training took
 
     @property
+    def step_s(self) -> float | None:
+        """Wall seconds per local step, when it trained and timed it."""
+        return self.train_s / self.steps if self.train_s is not None and self.steps else None
+
+    @property
     def sat_out(self) -> bool:
         """It did not train this round (no data this stage, or its DP-SGD budget is spent)."""
         return self.payload is None and not self.masked and not self.withheld

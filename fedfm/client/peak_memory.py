@@ -26,6 +26,7 @@ import threading
 import torch
 
 from fedfm.models.memory import trim_heap
+from fedfm.models.quantize import model_bytes
 
 # What a round records from measurement (like its wall time): never the same twice, never compared
 MEASURED_KEYS = ("client_memory_mb_mean", "client_memory_mb_max", "client_step_s")
@@ -133,8 +134,6 @@ def measured_by(device: torch.device | str) -> str:
 def memory_summary(model: torch.nn.Module, quantize: str, records: list[dict], device) -> dict:
     """summary.json's ``client_memory``: what a client holds (the base as stored, the trainable state)
     and the measured peaks while clients trained (mean of the rounds' means, max of their maxima), in MB."""
-    from fedfm.models.quantize import model_bytes
-
     means = [r["client_memory_mb_mean"] for r in records if r.get("client_memory_mb_mean") is not None]
     maxima = [r["client_memory_mb_max"] for r in records if r.get("client_memory_mb_max") is not None]
     out = {"quantize": quantize, "base_model_mb": model_bytes(model, trainable=False) / 2**20,

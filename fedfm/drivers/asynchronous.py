@@ -105,7 +105,7 @@ class AsyncEngine:
             sim.app.attack.begin_round(self.buffer_size, len(sim.app.attack.malicious))
         reply = sim.app.fit(sim.clients[cid], down, seq)
         self.memory.append(reply.memory_mb)  # measured now, reported with the next server step
-        self.step_s.append(reply.train_s / reply.steps if reply.train_s is not None and reply.steps else None)
+        self.step_s.append(reply.step_s)
         if reply.payload is None:  # sat out (budget spent): it frees its slot at once
             heapq.heappush(self.heap, InFlight(sim.clock, seq, cid, version))
             return

@@ -194,7 +194,7 @@ class Simulation:
             if reply.sat_out:
                 continue
             tally.memory.append(reply.memory_mb)
-            tally.step_s.append(reply.train_s / reply.steps if reply.train_s is not None and reply.steps else None)
+            tally.step_s.append(reply.step_s)
             ok = reply.masked or (reply.payload is not None and self._deliver(reply, cid, len(down), tally))
             if ok is None:  # arrived after the deadline
                 continue

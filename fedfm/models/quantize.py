@@ -212,10 +212,8 @@ def dequantized(t: torch.Tensor) -> torch.Tensor:
 def storage_bytes(t: torch.Tensor) -> int:
     """Bytes ``t`` holds: a plain tensor's elements, a quantized tensor's inner tensors (codes, scales)."""
     data = t.data if isinstance(t, torch.nn.Parameter) else t
-    if type(data) is torch.Tensor:
-        return data.numel() * data.element_size()
     flatten: Callable | None = getattr(data, "__tensor_flatten__", None)
-    if flatten is None:
+    if type(data) is torch.Tensor or flatten is None:
         return data.numel() * data.element_size()
     names, _ = flatten()
     return sum(storage_bytes(getattr(data, n)) for n in names)
@@ -236,17 +234,3 @@ def model_bytes(model: torch.nn.Module, trainable: bool | None = None) -> int:
         total += storage_bytes(t)
     return total
 
-
-def check_combination(mode: str, method: str, *, batch_clients: int = 1, dp_sgd: bool = False) -> None:
-    """One-line refusal of what a quantized base cannot be combined with (yet)."""
-    if mode == "none":
-        return
-    if method == "full":
-        raise FedfmError(f"model.quantize={mode} quantizes the frozen base, but method full trains every weight: "
-                         "use lora, ia3, prompt or prefix, or model.quantize=none")
-    if batch_clients > 1:
-        raise FedfmError(f"model.quantize={mode} cannot be combined with train.batch_clients={batch_clients} yet "
-                         "(the batched trainer's torch.func transforms do not trace quantized weights)")
-    if dp_sgd:
-        raise FedfmError(f"model.quantize={mode} cannot be combined with local DP-SGD yet "
-                         "(its per-example gradients use torch.func transforms over the model)")
